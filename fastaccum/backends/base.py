@@ -1,0 +1,114 @@
+"""What a backend implements: three kernels over one bucket's flat fp32 buffers.
+
+A *bucket* holds the parameters of one param group that share a device and a dtype. Its
+accumulation buffer is a single flat fp32 tensor; each parameter owns an aligned segment
+of it. The optimizer calls a backend once per bucket (never once per tensor) for the norm
+pass and the update pass, and once per incoming low-precision gradient for accumulation.
+
+The contract every backend keeps (checked in ``tests/test_backends.py``):
+
+``accumulate_(dst, src, alpha)``
+    ``dst += alpha * src``; ``dst`` fp32, ``src`` fp32/bf16/fp16, same number of elements.
+``grad_norm(buf)``
+    L2 norm of the fp32 buffer as a 0-dim fp32 tensor on ``buf.device``. Non-finite
+    (inf/nan) when any element is non-finite: this is the inf check too.
+``adam_(segs, hp)`` / ``sgd_(segs, hp)``
+    One fused pass per segment: scale the raw gradient by ``hp.grad_scale`` (unscale,
+    normalise, clip in one multiplier), the update math of :mod:`fastaccum.reference`, the
+    fp32 master write, the parameter write-back (nearest-even or stochastic for bf16), and
+    zeroing of the gradient segment.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AdamSegments:
+    """Per-parameter tensors of one bucket that take part in an Adam step.
+
+    Every list has one entry per parameter; every tensor is contiguous and has the
+    parameter's shape. ``grads`` are fp32 views into the bucket's flat buffer.
+    ``masters`` is set for bf16/fp16 parameters kept with fp32 master weights (the update
+    is computed on the master and rounded into ``params``); ``None`` otherwise.
+    ``exp_avgs``/``exp_avg_sqs`` are fp32 or bf16 (``state_dtype``); math is always fp32.
+    ``steps`` are the step counts *after* this step (1 on the first).
+    """
+
+    params: List[Tensor]
+    grads: List[Tensor]
+    exp_avgs: List[Tensor]
+    exp_avg_sqs: List[Tensor]
+    max_exp_avg_sqs: Optional[List[Tensor]]
+    masters: Optional[List[Tensor]]
+    steps: List[int]
+
+
+@dataclass
+class AdamHyper:
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool  # AdamW (decoupled) vs Adam (L2 added to the gradient)
+    maximize: bool
+    grad_scale: float  # multiplier applied to the raw buffer
+    stochastic_rounding: bool  # bf16 params without master weights, and bf16 moments
+    seed: int  # for stochastic rounding; drawn from torch's RNG by the optimizer
+
+
+@dataclass
+class SGDSegments:
+    params: List[Tensor]
+    grads: List[Tensor]
+    momentum_buffers: Optional[List[Tensor]]  # None when momentum == 0
+    masters: Optional[List[Tensor]]
+    steps: List[int]
+
+
+@dataclass
+class SGDHyper:
+    lr: float
+    momentum: float
+    dampening: float
+    nesterov: bool
+    weight_decay: float
+    maximize: bool
+    grad_scale: float
+    stochastic_rounding: bool
+    seed: int
+
+
+class Backend(abc.ABC):
+    """A set of kernels for one kind of device. Stateless; one instance is shared."""
+
+    name: ClassVar[str]
+    #: device types (``torch.device.type``) this backend runs on
+    device_types: ClassVar[Sequence[str]]
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type in self.device_types
+
+    @abc.abstractmethod
+    def accumulate_(self, dst: Tensor, src: Tensor, alpha: float = 1.0) -> None: ...
+
+    @abc.abstractmethod
+    def grad_norm(self, buf: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def adam_(self, segs: AdamSegments, hp: AdamHyper) -> None: ...
+
+    @abc.abstractmethod
+    def sgd_(self, segs: SGDSegments, hp: SGDHyper) -> None: ...
+
+    def zero_(self, buf: Tensor) -> None:
+        buf.zero_()
+
+    def __repr__(self) -> str:
+        return f"<fastaccum backend {self.name!r}>"
