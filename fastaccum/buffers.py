@@ -1,0 +1,83 @@
+"""Flat fp32 accumulation buffers and flat optimizer state, one *bucket* at a time.
+
+A bucket is the parameters of one param group that share a device and a dtype (grouping
+by (device, dtype) before any fused launch, as ``torch.optim.Optimizer`` does). Each
+parameter owns a segment of every flat tensor; segments start on 64-byte boundaries
+(16 fp32 elements) so kernels can use aligned vector loads.
+
+* ``grad``: the fp32 accumulation buffer. fp32 parameters get ``p.grad`` as a view of their
+  segment, so autograd accumulates in place; bf16/fp16 parameters get ``p.main_grad``.
+* ``exp_avg``/``exp_avg_sq``/... : flat state, allocated at the first step (as torch
+  allocates state lazily), exposed per parameter as views in ``optimizer.state[p]``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from .backends import Backend
+
+ALIGN = 16  # elements; 16 fp32 = 64 bytes = one cache line / one AVX-512 register
+
+
+def _round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k
+
+
+class Bucket:
+    def __init__(self, params: List[Tensor], group_index: int, backend: Backend) -> None:
+        self.params = params
+        self.group_index = group_index
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        self.backend = backend
+        self.numels = [p.numel() for p in params]
+        self.offsets: List[int] = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += _round_up(max(n, 1), ALIGN)
+        self.numel = total
+        self.grad = torch.zeros(total, dtype=torch.float32, device=self.device)
+        self.grad_views = self.views(self.grad)
+        # live[i]: in torch's terms, p.grad would be a tensor (not None) now. Only live
+        # parameters are updated, so that parameters that got no gradient are skipped
+        # exactly as torch.optim skips ``p.grad is None``.
+        self.live = [False] * len(params)
+        # dirty: the buffer may hold non-zero values (the update pass leaves it zeroed).
+        self.dirty = False
+        self.flat_state: Dict[str, Tensor] = {}
+        # step counts per parameter, float32 like torch.optim; state[p]["step"] are views.
+        self.steps = torch.zeros(len(params), dtype=torch.float32)
+
+    @property
+    def low_precision(self) -> bool:
+        return self.dtype != torch.float32
+
+    def views(self, flat: Tensor) -> List[Tensor]:
+        return [flat[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]
+
+    def allocate_state(self, name: str, dtype: torch.dtype, init: Optional[str] = None) -> List[Tensor]:
+        """Allocate (once) a flat state tensor; ``init="params"`` copies the parameters (master weights)."""
+        if name not in self.flat_state:
+            flat = torch.zeros(self.numel, dtype=dtype, device=self.device)
+            self.flat_state[name] = flat
+            if init == "params":
+                for v, p in zip(self.views(flat), self.params):
+                    v.copy_(p.detach())
+        return self.views(self.flat_state[name])
+
+    def zero_grad_buffer(self) -> None:
+        if self.dirty:
+            self.backend.zero_(self.grad)
+            self.dirty = False
+
+    def owns_grad(self, i: int, grad: Optional[Tensor]) -> bool:
+        """Whether ``grad`` is this bucket's view for parameter ``i`` (autograd accumulated in place)."""
+        view = self.grad_views[i]
+        return grad is not None and grad.data_ptr() == view.data_ptr() and grad.shape == view.shape
+
+    def layout(self) -> List[int]:
+        return list(self.numels)

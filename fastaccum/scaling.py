@@ -1,0 +1,87 @@
+"""Loss scaling: a fixed factor, or dynamic with ``torch.amp.GradScaler``'s defaults.
+
+The scale multiplies the loss in :meth:`~fastaccum.optimizer.AccumOptimizer.scale_loss`;
+unscaling is never a pass of its own: ``1 / scale`` is folded into the update multiplier.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Union
+
+LossScaleArg = Union[None, float, int, str]
+
+
+class LossScaler:
+    """Holds the current scale and, when dynamic, grows/backs it off like GradScaler.
+
+    Dynamic: start at ``init_scale`` (2**16), multiply by ``backoff_factor`` (0.5) on every
+    step with inf/nan gradients, and by ``growth_factor`` (2.0) after ``growth_interval``
+    (2000) consecutive clean steps -- the defaults of ``torch.amp.GradScaler``.
+    """
+
+    def __init__(
+        self,
+        scale: float,
+        *,
+        dynamic: bool,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ) -> None:
+        self.scale = float(scale)
+        self.dynamic = dynamic
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self.growth_tracker = 0  # consecutive clean steps since the last change
+
+    @classmethod
+    def from_arg(cls, loss_scale: LossScaleArg) -> Optional["LossScaler"]:
+        """Parse the ``loss_scale=`` constructor argument (None, a positive number, or "dynamic")."""
+        if loss_scale is None:
+            return None
+        if isinstance(loss_scale, str):
+            if loss_scale != "dynamic":
+                raise ValueError(
+                    f"Invalid loss_scale: {loss_scale!r}; pass None, a positive number, or \"dynamic\""
+                )
+            return cls(2.0**16, dynamic=True)
+        if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)):
+            raise TypeError(
+                f"Invalid loss_scale: {loss_scale!r} ({type(loss_scale).__name__}); "
+                "pass None, a positive number, or \"dynamic\""
+            )
+        if not (math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"Invalid loss_scale: {loss_scale}; a static loss scale must be finite and > 0")
+        return cls(float(loss_scale), dynamic=False)
+
+    def update(self, found_inf: bool) -> None:
+        """Called once per optimizer step (skipped or not)."""
+        if not self.dynamic:
+            return
+        if found_inf:
+            self.scale *= self.backoff_factor
+            self.growth_tracker = 0
+        else:
+            self.growth_tracker += 1
+            if self.growth_tracker == self.growth_interval:
+                self.scale *= self.growth_factor
+                self.growth_tracker = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "dynamic": self.dynamic,
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "growth_interval": self.growth_interval,
+            "growth_tracker": self.growth_tracker,
+        }
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.scale = float(sd["scale"])
+        self.dynamic = bool(sd["dynamic"])
+        self.growth_factor = float(sd["growth_factor"])
+        self.backoff_factor = float(sd["backoff_factor"])
+        self.growth_interval = int(sd["growth_interval"])
+        self.growth_tracker = int(sd["growth_tracker"])
