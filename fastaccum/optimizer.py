@@ -194,13 +194,14 @@ class AccumOptimizer(torch.optim.Optimizer):
             existing = p.grad
             if bucket.low_precision:
                 p.main_grad = bucket.grad_views[i]
-                p.grad = None
-            else:
-                p.grad = bucket.grad_views[i]
             if existing is not None:  # gradients computed before the optimizer existed are kept
                 bucket.grad_views[i].copy_(existing)
                 bucket.live[i] = True
                 bucket.dirty = True
+                p.grad = None if bucket.low_precision else bucket.grad_views[i]
+            # Otherwise an fp32 p.grad stays None until the parameter's first gradient, which
+            # the hook moves into the view: a parameter that never gets a gradient keeps
+            # p.grad None, as with torch.optim (code that tests `p.grad is None` still works).
             if p.requires_grad:
                 self._hook_handles.append(p.register_post_accumulate_grad_hook(_make_hook(ref, bi, i)))
 
@@ -260,10 +261,10 @@ class AccumOptimizer(torch.optim.Optimizer):
                 view = bucket.grad_views[i]
                 if g is None:
                     if not bucket.low_precision:
+                        # cleared by the user (e.g. model.zero_grad()): no gradient, skipped
                         if bucket.live[i] or bucket.dirty:
                             view.zero_()
                         bucket.live[i] = False
-                        p.grad = view
                 elif not bucket.owns_grad(i, g):
                     view.copy_(g)
                     p.grad = None if bucket.low_precision else view
@@ -356,7 +357,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(bucket.params):
                 if bucket.low_precision:
                     p.grad = None
-                elif not bucket.owns_grad(i, p.grad):
+                elif p.grad is not None and not bucket.owns_grad(i, p.grad):
                     p.grad = bucket.grad_views[i]
                 if set_to_none:
                     bucket.live[i] = False
