@@ -1,0 +1,175 @@
+"""The ``cpu`` backend: C++ SIMD kernels (``csrc/``, module ``fastaccum._C``), called
+through the ``fastaccum::*`` custom ops of :mod:`fastaccum.ops`.
+
+One call per bucket: the update kernels take every segment of the bucket at once and split
+the total work into fixed chunks across ``torch.get_num_threads()`` threads.
+
+Segments the kernels do not take (a user's non-contiguous parameter, an fp16 moment, a
+non-CPU tensor) are routed, per segment, to the torch backend; the rest of the bucket still
+runs fused. Importing this module raises ``ImportError`` with the reason when the
+extension is missing, stale or broken; the registry then marks the backend unavailable.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .base import AdamHyper, AdamSegments, Backend, SGDHyper, SGDSegments
+from .torch_backend import TorchBackend
+
+_EXPECTED_ABI = 1  # csrc/kernels.h kAbiVersion
+
+try:
+    from .. import _C
+except ImportError as e:  # never a bare except: only "not built / cannot load" means unavailable
+    raise ImportError(
+        f"fastaccum._C (the C++ CPU kernels) cannot be imported: {e}. Build it with "
+        "`pip install -e .` (without FASTACCUM_NO_EXT=1), or use backend='torch'"
+    ) from e
+
+if getattr(_C, "ABI_VERSION", None) != _EXPECTED_ABI:
+    raise ImportError(
+        f"fastaccum._C is a stale build (ABI {getattr(_C, 'ABI_VERSION', None)}, expected {_EXPECTED_ABI}); "
+        "rebuild it with `pip install -e .`"
+    )
+
+from .. import ops  # noqa: E402  (registers torch.ops.fastaccum.*; needs _C)
+
+_KERNEL_DTYPES = tuple(ops.DTYPE_CODES)
+# Keep seeds of the dtype groups of one call apart (golden-ratio increment).
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _is_cpu_contig(t: Optional[Tensor], dtypes: Sequence[torch.dtype], numel: int) -> bool:
+    return (
+        t is not None
+        and t.device.type == "cpu"
+        and t.dtype in dtypes
+        and t.is_contiguous()
+        and t.numel() == numel
+    )
+
+
+def _group_seed(seed: int, g: int) -> int:
+    return (int(seed) + g * _GOLDEN) & ((1 << 63) - 1)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    device_types = ("cpu",)
+
+    def __init__(self) -> None:
+        self._torch = TorchBackend()
+
+    @staticmethod
+    def isa() -> str:
+        """The instruction set the kernels run with: 'avx512', 'avx2' or 'scalar'."""
+        return _C.isa()
+
+    # ------------------------------------------------------------------ accumulate
+    def accumulate_(self, dst: Tensor, src: Tensor, alpha: float = 1.0, return_sumsq: bool = False) -> Optional[float]:
+        """``dst += alpha * src``. With ``return_sumsq=True`` also returns ``sum(src**2)`` of the
+        incoming gradient (before ``alpha``), computed in fp64 in the same pass."""
+        n = dst.numel()
+        if _is_cpu_contig(dst, (torch.float32,), n) and _is_cpu_contig(src, _KERNEL_DTYPES, n):
+            with torch.no_grad():
+                if return_sumsq:
+                    return float(torch.ops.fastaccum.accumulate_sumsq_(dst, src, float(alpha)))
+                torch.ops.fastaccum.accumulate_(dst, src, float(alpha))
+            return None
+        with torch.no_grad():
+            self._torch.accumulate_(dst, src, alpha)
+            if return_sumsq:
+                return float(src.detach().double().square().sum())
+        return None
+
+    # ------------------------------------------------------------------ norm
+    def grad_norm(self, buf: Tensor) -> Tensor:
+        if _is_cpu_contig(buf, (torch.float32,), buf.numel()):
+            return torch.ops.fastaccum.grad_norm(buf)
+        return self._torch.grad_norm(buf)
+
+    # ------------------------------------------------------------------ adam
+    def adam_(self, segs: AdamSegments, hp: AdamHyper) -> None:
+        groups: Dict[Tuple[torch.dtype, torch.dtype], List[int]] = {}
+        fallback: List[int] = []
+        for i, p in enumerate(segs.params):
+            n = p.numel()
+            if n == 0:
+                continue
+            m, v = segs.exp_avgs[i], segs.exp_avg_sqs[i]
+            vmax = segs.max_exp_avg_sqs[i] if segs.max_exp_avg_sqs is not None else None
+            master = segs.masters[i] if segs.masters is not None else None
+            ok = (
+                _is_cpu_contig(p, _KERNEL_DTYPES, n)
+                and _is_cpu_contig(segs.grads[i], (torch.float32,), n)
+                and _is_cpu_contig(m, ops.STATE_DTYPES, n)
+                and _is_cpu_contig(v, (m.dtype,), n)
+                and (segs.max_exp_avg_sqs is None or _is_cpu_contig(vmax, (m.dtype,), n))
+                and (segs.masters is None or _is_cpu_contig(master, (torch.float32,), n))
+            )
+            if ok:
+                groups.setdefault((p.dtype, m.dtype), []).append(i)
+            else:
+                fallback.append(i)
+        with torch.no_grad():
+            for g, idx in enumerate(groups.values()):
+                pick = lambda ts: [ts[i] for i in idx] if ts is not None else []  # noqa: E731
+                torch.ops.fastaccum.adam_(
+                    pick(segs.params), pick(segs.grads), pick(segs.exp_avgs), pick(segs.exp_avg_sqs),
+                    pick(segs.max_exp_avg_sqs), pick(segs.masters), [int(segs.steps[i]) for i in idx],
+                    hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.decoupled, hp.maximize,
+                    hp.grad_scale, hp.stochastic_rounding, _group_seed(hp.seed, g),
+                )
+            if fallback:
+                self._torch.adam_(_subset_adam(segs, fallback), hp)
+
+    # ------------------------------------------------------------------ sgd
+    def sgd_(self, segs: SGDSegments, hp: SGDHyper) -> None:
+        groups: Dict[torch.dtype, List[int]] = {}
+        fallback: List[int] = []
+        for i, p in enumerate(segs.params):
+            n = p.numel()
+            if n == 0:
+                continue
+            ok = (
+                _is_cpu_contig(p, _KERNEL_DTYPES, n)
+                and _is_cpu_contig(segs.grads[i], (torch.float32,), n)
+                and (hp.momentum == 0 or (segs.momentum_buffers is not None
+                                          and _is_cpu_contig(segs.momentum_buffers[i], (torch.float32,), n)))
+                and (segs.masters is None or _is_cpu_contig(segs.masters[i], (torch.float32,), n))
+            )
+            if ok:
+                groups.setdefault(p.dtype, []).append(i)
+            else:
+                fallback.append(i)
+        with torch.no_grad():
+            for g, idx in enumerate(groups.values()):
+                pick = lambda ts: [ts[i] for i in idx] if ts is not None else []  # noqa: E731
+                torch.ops.fastaccum.sgd_(
+                    pick(segs.params), pick(segs.grads),
+                    pick(segs.momentum_buffers) if hp.momentum != 0 else [], pick(segs.masters),
+                    [int(segs.steps[i]) for i in idx], hp.lr, hp.momentum, hp.dampening, hp.nesterov,
+                    hp.weight_decay, hp.maximize, hp.grad_scale, hp.stochastic_rounding, _group_seed(hp.seed, g),
+                )
+            if fallback:
+                self._torch.sgd_(_subset_sgd(segs, fallback), hp)
+
+
+def _subset_adam(segs: AdamSegments, idx: List[int]) -> AdamSegments:
+    pick = lambda ts: [ts[i] for i in idx] if ts is not None else None  # noqa: E731
+    return AdamSegments(
+        params=pick(segs.params), grads=pick(segs.grads), exp_avgs=pick(segs.exp_avgs),
+        exp_avg_sqs=pick(segs.exp_avg_sqs), max_exp_avg_sqs=pick(segs.max_exp_avg_sqs),
+        masters=pick(segs.masters), steps=[segs.steps[i] for i in idx],
+    )
+
+
+def _subset_sgd(segs: SGDSegments, idx: List[int]) -> SGDSegments:
+    pick = lambda ts: [ts[i] for i in idx] if ts is not None else None  # noqa: E731
+    return SGDSegments(
+        params=pick(segs.params), grads=pick(segs.grads), momentum_buffers=pick(segs.momentum_buffers),
+        masters=pick(segs.masters), steps=[segs.steps[i] for i in idx],
+    )

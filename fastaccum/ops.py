@@ -1,0 +1,231 @@
+"""The C++ CPU kernels (``fastaccum._C``) as ``torch.library`` custom ops.
+
+Registering them as custom ops (namespace ``fastaccum``) with schemas that mark every
+mutated argument, plus fake implementations, lets ``torch.compile`` trace around them
+and lets ``torch.library.opcheck`` verify the registrations (``tests/test_cpu_backend.py``).
+
+``fastaccum._C`` takes raw pointers, so every op validates device, dtype, contiguity
+and sizes here before a pointer crosses into C++: a wrong tensor raises a ``TypeError`` or
+``ValueError`` naming the argument instead of corrupting memory.
+
+Threads follow ``torch.get_num_threads()`` at each call, so ``torch.set_num_threads`` (and
+``OMP_NUM_THREADS``) govern these kernels as they govern torch's own.
+
+Importing this module raises ``ImportError`` when ``fastaccum._C`` is missing; the cpu
+backend turns that into "backend unavailable" (see ``fastaccum/backends/cpu.py``).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+__all__ = ["DTYPE_CODES", "STATE_DTYPES", "accumulate_", "accumulate_sumsq_", "grad_norm", "adam_", "sgd_"]
+
+#: dtype codes understood by fastaccum._C (csrc/kernels.h, enum DType)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: dtypes the kernels accept for exp_avg / exp_avg_sq / max_exp_avg_sq
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+# seeds cross into C++ as uint64 through the int64 of the op schema
+_SEED_MASK = (1 << 63) - 1
+
+
+def _check(t: Tensor, name: str, dtypes: Sequence[torch.dtype], numel: int = -1) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fastaccum cpu kernels: {name} must be a Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(
+            f"fastaccum cpu kernels: {name} is on {t.device}; they take CPU tensors "
+            "(use backend='torch' or 'auto' for other devices)"
+        )
+    if t.dtype not in dtypes:
+        raise TypeError(
+            f"fastaccum cpu kernels: {name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(
+            f"fastaccum cpu kernels: {name} is not contiguous; pass a contiguous tensor "
+            "(the cpu backend routes such segments to the torch backend)"
+        )
+    if numel >= 0 and t.numel() != numel:
+        raise ValueError(f"fastaccum cpu kernels: {name} has {t.numel()} elements, expected {numel}")
+
+
+def _check_list(ts: Sequence[Tensor], name: str, dtypes: Sequence[torch.dtype], numels: Sequence[int]) -> None:
+    if len(ts) != len(numels):
+        raise ValueError(f"fastaccum cpu kernels: {name} has {len(ts)} tensors, expected {len(numels)} (one per param)")
+    dtype = None
+    for i, t in enumerate(ts):
+        _check(t, f"{name}[{i}]", dtypes, numels[i])
+        if dtype is not None and t.dtype != dtype:
+            raise TypeError(f"fastaccum cpu kernels: {name} mixes {dtype} and {t.dtype}; one call takes one dtype")
+        dtype = t.dtype
+
+
+def _ptrs(ts: Sequence[Tensor]) -> List[int]:
+    return [t.data_ptr() for t in ts]
+
+
+# ----------------------------------------------------------------------------------------
+# accumulate
+
+
+@torch.library.custom_op("fastaccum::accumulate_", mutates_args=("dst",), device_types="cpu")
+def accumulate_(dst: Tensor, src: Tensor, alpha: float) -> None:
+    """``dst += alpha * src``; dst fp32, src fp32/bf16/fp16, both contiguous with equal numel."""
+    _check(dst, "dst", (torch.float32,))
+    _check(src, "src", tuple(DTYPE_CODES), dst.numel())
+    _C.accumulate(dst.data_ptr(), src.data_ptr(), DTYPE_CODES[src.dtype], dst.numel(), float(alpha), False,
+                  torch.get_num_threads())
+
+
+@accumulate_.register_fake
+def _(dst: Tensor, src: Tensor, alpha: float) -> None:
+    return None
+
+
+@torch.library.custom_op("fastaccum::accumulate_sumsq_", mutates_args=("dst",), device_types="cpu")
+def accumulate_sumsq_(dst: Tensor, src: Tensor, alpha: float) -> Tensor:
+    """``dst += alpha * src`` and, in the same pass, ``sum(src**2)`` (fp64, 0-dim) of the
+    incoming gradient as given (before ``alpha``), for gradient-noise telemetry."""
+    _check(dst, "dst", (torch.float32,))
+    _check(src, "src", tuple(DTYPE_CODES), dst.numel())
+    s = _C.accumulate(dst.data_ptr(), src.data_ptr(), DTYPE_CODES[src.dtype], dst.numel(), float(alpha), True,
+                      torch.get_num_threads())
+    return torch.tensor(s, dtype=torch.float64)
+
+
+@accumulate_sumsq_.register_fake
+def _(dst: Tensor, src: Tensor, alpha: float) -> Tensor:
+    return dst.new_empty((), dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------
+# norm + inf/nan check
+
+
+@torch.library.custom_op("fastaccum::grad_norm", mutates_args=(), device_types="cpu")
+def grad_norm(buf: Tensor) -> Tensor:
+    """L2 norm (0-dim fp32) of a contiguous fp32 buffer, accumulated in fp64 in one read
+    pass; inf/nan when any element is inf/nan, so it is also the found-inf check."""
+    _check(buf, "buf", (torch.float32,))
+    s = _C.sumsq(buf.data_ptr(), buf.numel(), torch.get_num_threads())
+    return torch.tensor(s, dtype=torch.float64).sqrt().to(torch.float32)
+
+
+@grad_norm.register_fake
+def _(buf: Tensor) -> Tensor:
+    return buf.new_empty((), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# fused updates
+
+
+@torch.library.custom_op(
+    "fastaccum::adam_",
+    mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters"),
+    device_types="cpu",
+)
+def adam_(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_avg_sqs: List[Tensor],
+    max_exp_avg_sqs: List[Tensor],
+    masters: List[Tensor],
+    steps: List[int],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool,
+    grad_scale: float,
+    stochastic_rounding: bool,
+    seed: int,
+) -> None:
+    """One fused Adam/AdamW pass over all segments (see fastaccum.backends.base.AdamSegments).
+
+    ``max_exp_avg_sqs`` / ``masters`` are empty lists when amsgrad is off / there are no
+    master weights. One call takes one param dtype and one state dtype.
+    """
+    numels = [p.numel() for p in params]
+    _check_list(params, "params", tuple(DTYPE_CODES), numels)
+    _check_list(grads, "grads", (torch.float32,), numels)
+    _check_list(exp_avgs, "exp_avgs", STATE_DTYPES, numels)
+    _check_list(exp_avg_sqs, "exp_avg_sqs", STATE_DTYPES, numels)
+    if max_exp_avg_sqs:
+        _check_list(max_exp_avg_sqs, "max_exp_avg_sqs", STATE_DTYPES, numels)
+    if masters:
+        _check_list(masters, "masters", (torch.float32,), numels)
+    if len(steps) != len(params):
+        raise ValueError(f"fastaccum cpu kernels: steps has {len(steps)} entries, expected {len(params)}")
+    if not params:
+        return
+    state_dtype = exp_avgs[0].dtype
+    for name, ts in (("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs)):
+        if ts and ts[0].dtype != state_dtype:
+            raise TypeError(f"fastaccum cpu kernels: {name} is {ts[0].dtype} but exp_avgs is {state_dtype}; "
+                            "all moments of one call share a dtype")
+    _C.adam(
+        _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _ptrs(max_exp_avg_sqs), _ptrs(masters),
+        numels, [int(s) for s in steps], DTYPE_CODES[params[0].dtype], DTYPE_CODES[state_dtype],
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize),
+        float(grad_scale), bool(stochastic_rounding), int(seed) & _SEED_MASK, torch.get_num_threads(),
+    )
+
+
+@adam_.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, beta1, beta2, eps,
+      weight_decay, decoupled, maximize, grad_scale, stochastic_rounding, seed) -> None:
+    return None
+
+
+@torch.library.custom_op(
+    "fastaccum::sgd_", mutates_args=("params", "grads", "momentum_buffers", "masters"), device_types="cpu"
+)
+def sgd_(
+    params: List[Tensor],
+    grads: List[Tensor],
+    momentum_buffers: List[Tensor],
+    masters: List[Tensor],
+    steps: List[int],
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: float,
+    stochastic_rounding: bool,
+    seed: int,
+) -> None:
+    """One fused SGD(+momentum) pass; ``momentum_buffers`` (fp32) is empty when momentum == 0."""
+    numels = [p.numel() for p in params]
+    _check_list(params, "params", tuple(DTYPE_CODES), numels)
+    _check_list(grads, "grads", (torch.float32,), numels)
+    if momentum != 0:
+        _check_list(momentum_buffers, "momentum_buffers", (torch.float32,), numels)
+    if masters:
+        _check_list(masters, "masters", (torch.float32,), numels)
+    if len(steps) != len(params):
+        raise ValueError(f"fastaccum cpu kernels: steps has {len(steps)} entries, expected {len(params)}")
+    if not params:
+        return
+    _C.sgd(
+        _ptrs(params), _ptrs(grads), _ptrs(momentum_buffers) if momentum != 0 else [], _ptrs(masters), numels,
+        [int(s) for s in steps], DTYPE_CODES[params[0].dtype], float(lr), float(momentum), float(dampening),
+        bool(nesterov), float(weight_decay), bool(maximize), float(grad_scale), bool(stochastic_rounding),
+        int(seed) & _SEED_MASK, torch.get_num_threads(),
+    )
+
+
+@sgd_.register_fake
+def _(params, grads, momentum_buffers, masters, steps, lr, momentum, dampening, nesterov, weight_decay, maximize,
+      grad_scale, stochastic_rounding, seed) -> None:
+    return None
