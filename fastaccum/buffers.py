@@ -77,7 +77,13 @@ class Bucket:
     def owns_grad(self, i: int, grad: Optional[Tensor]) -> bool:
         """Whether ``grad`` is this bucket's view for parameter ``i`` (autograd accumulated in place)."""
         view = self.grad_views[i]
-        return grad is not None and grad.data_ptr() == view.data_ptr() and grad.shape == view.shape
+        return (
+            grad is not None
+            and grad.layout == torch.strided
+            and grad.device == view.device
+            and grad.data_ptr() == view.data_ptr()
+            and grad.shape == view.shape
+        )
 
     def layout(self) -> List[int]:
         return list(self.numels)

@@ -591,6 +591,10 @@ class AccumOptimizer(torch.optim.Optimizer):
                 b.grad.copy_(buf)
                 b.live = list(live)
                 b.dirty = bool(dirty)
+                if not b.low_precision:  # the restored partial gradients are what p.grad shows
+                    for p, view, is_live in zip(b.params, b.grad_views, b.live):
+                        if is_live:
+                            p.grad = view
             self._micro_step = int(extra["micro_step"])
             self._weight_sum = float(extra["weight_sum"])
             self._weighted = bool(extra["weighted"])

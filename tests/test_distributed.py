@@ -1,0 +1,64 @@
+"""Across ranks: DDP on two CPU processes (gloo) with different token counts per rank; the
+update equals the global token-weighted mean computed in one process."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastaccum
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import OddNet  # noqa: E402
+
+WORLD = 2
+STEPS = 3
+# token counts per micro-batch: rank 0 and rank 1 see different totals
+LENGTHS = {0: (2, 9, 1), 1: (6, 3, 4)}
+
+
+def _data(rank, step):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return [torch.randn(1, n, 7, generator=g) for n in LENGTHS[rank]]
+
+
+def _worker(rank, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(OddNet(), find_unused_parameters=True)
+    # SGD: unlike Adam, its update is not invariant to a constant gradient factor, so a
+    # wrong divisor (e.g. each rank's own token count) would show
+    opt = fastaccum.SGD(model.parameters(), lr=0.5, momentum=0.9, accumulation_steps=len(LENGTHS[rank]),
+                        backend="torch")
+    for step in range(STEPS):
+        for x in _data(rank, step):
+            # skip DDP's all-reduce except on the micro-batch that ends the window
+            ctx = model.no_sync() if not opt.sync_gradients else torch.enable_grad()
+            with ctx:
+                opt.backward(model(x).mean(), weight=x.shape[1])
+            opt.step()
+            opt.zero_grad()
+    if rank == 0:
+        torch.save(model.module.state_dict(), out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_ddp_global_token_mean(tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    got = torch.load(out)
+
+    torch.manual_seed(0)
+    ref = OddNet()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
+    for step in range(STEPS):
+        tokens = [ref(x).reshape(-1) for r in range(WORLD) for x in _data(r, step)]
+        torch.cat(tokens).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
