@@ -518,7 +518,9 @@ class AccumOptimizer(torch.optim.Optimizer):
         sd["fastaccum"] = {
             "version": _STATE_FORMAT_VERSION,
             "layout": [[b.group_index, str(b.dtype), list(b.numels)] for b in self._buckets],
-            "grad_buffers": [b.grad for b in self._buckets],
+            # only mid-window buffers hold anything; a checkpoint taken after a step (the
+            # usual case) does not carry 4 bytes/param of zeros
+            "grad_buffers": [b.grad if b.dirty else None for b in self._buckets],
             "live": [list(b.live) for b in self._buckets],
             "dirty": [b.dirty for b in self._buckets],
             "micro_step": self._micro_step,
@@ -588,7 +590,10 @@ class AccumOptimizer(torch.optim.Optimizer):
                 state[name] = view
         if extra is not None:
             for b, buf, live, dirty in zip(self._buckets, extra["grad_buffers"], extra["live"], extra["dirty"]):
-                b.grad.copy_(buf)
+                if buf is None:
+                    b.grad.zero_()
+                else:
+                    b.grad.copy_(buf)
                 b.live = list(live)
                 b.dirty = bool(dirty)
                 if not b.low_precision:  # the restored partial gradients are what p.grad shows

@@ -99,3 +99,13 @@ def test_other_layout_is_refused_and_changes_nothing():
         for name in before["state"][k]:
             assert torch.equal(before["state"][k][name], after["state"][k][name])
     assert before["param_groups"] == after["param_groups"]
+
+
+def test_checkpoint_after_a_step_carries_no_buffer():
+    model, opt = _make()
+    for t, x in enumerate(batches(4)):
+        _micro(model, opt, x, t)
+    assert opt.state_dict()["fastaccum"]["grad_buffers"] == [None, None]  # two param groups
+    _micro(model, opt, batches(1, seed=5)[0], 0)
+    bufs = opt.state_dict()["fastaccum"]["grad_buffers"]
+    assert all(b is not None and b.abs().sum() > 0 for b in bufs)
