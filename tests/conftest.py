@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Dict, List
 
 import pytest
 import torch
 from torch import nn
+
+# No GPU here: Triton kernels run in Triton's interpreter on CPU tensors. This must be set
+# before triton decorates any kernel, i.e. before fastaccum's triton backend is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ODD_SIZES = (1, 7, 4097)
 

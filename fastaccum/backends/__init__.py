@@ -146,5 +146,12 @@ def _load_cpu() -> Backend:
     return CpuBackend()
 
 
+def _load_triton() -> Backend:
+    from .triton_backend import TritonBackend  # raises ImportError with the reason when triton is missing
+
+    return TritonBackend()
+
+
 register_backend("torch", _load_torch, device_types=("cpu", "cuda", "mps", "xpu", "meta"), priority=0)
 register_backend("cpu", _load_cpu, device_types=("cpu",), priority=10)
+register_backend("triton", _load_triton, device_types=("cuda",), priority=20)
