@@ -355,6 +355,8 @@ def plan(inp: PlanInput) -> Dict[str, Any]:
         per_seq, fixed, _ = act[m.act_bits]
         room = usable - static - fixed
         max_micro = int(room // per_seq) if room > 0 and per_seq > 0 else 0
+        if max_micro >= 1 and static + fixed + per_seq * 1 > usable:  # a negative fitted intercept
+            max_micro = 0
         row = ModeRow(
             mode=m.key, label=m.label, params_bytes=n * m.param_bytes, grads_bytes=n * m.grad_bytes,
             master_bytes=n * m.master_bytes, state_bytes=n * m.state_bytes, transient_bytes=transient,
@@ -537,13 +539,18 @@ def measure_activations(model: Any, make_input: Callable[[int], Any], device: An
     if not good:
         raise PlanError(f"--measure: even a micro-batch of 1 does not fit in {fmt_bytes(budget_bytes)} "
                         f"(after {fmt_bytes(static_bytes)} of parameters and state)")
-    if len(good) >= 2:
-        (b1, m1), (b2, m2) = good[-2], good[-1]
-        per = max((m2 - m1) / (b2 - b1), 0.0) if b2 != b1 else m2 / b2
+    # least squares over the larger batches only: at small batches RSS moves in allocator-sized
+    # steps (freed memory is reused) and says little about the per-sample slope
+    big = [(b, m) for b, m in good if b >= good[-1][0] / 8]
+    if len(big) >= 2:
+        mb = sum(b for b, _ in big) / len(big)
+        mm = sum(m for _, m in big) / len(big)
+        var = sum((b - mb) ** 2 for b, _ in big)
+        per = sum((b - mb) * (m - mm) for b, m in big) / var if var else mm / mb
         per = max(per, 1.0)
-        fixed = max(m2 - per * b2, 0.0)
+        fixed = mm - per * mb  # may be < 0: it is the line's intercept, only used with b >= 1
     else:
-        per, fixed = max(good[0][1] / good[0][0], 1.0), 0.0
+        per, fixed = max(good[-1][1] / good[-1][0], 1.0), 0.0
     return {
         "device": str(device), "per_sample_bytes": per, "fixed_bytes": fixed,
         "largest_batch_measured": good[-1][0], "budget_bytes": budget_bytes, "static_bytes": static_bytes,
