@@ -371,7 +371,7 @@ def plan(inp: PlanInput) -> Dict[str, Any]:
             row.effective_batch = micro * accum * inp.devices
             row.reaches_target = row.effective_batch >= target_batch
             if not m.can_accumulate and not row.reaches_target:
-                row.note = f"cannot accumulate: largest batch is {row.effective_batch}"
+                row.note = f"cannot accumulate (max batch {row.effective_batch})"
         else:
             row.micro_batch, row.accumulation_steps = max_micro, 1
             row.effective_batch = max_micro * inp.devices

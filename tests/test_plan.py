@@ -1,0 +1,240 @@
+"""``fastaccum plan``: the arithmetic by hand, a real (tiny) module, --measure on CPU, bad input."""
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import pytest
+
+from fastaccum import plan as P
+from test_cli import run_cli, run_inproc
+
+TINY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self, d=16, depth=1):
+            super().__init__()
+            self.d = d
+            self.body = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 4))
+
+        def forward(self, x):
+            return self.body(x)
+
+        def example_input(self, batch_size):
+            return torch.randn(batch_size, self.d)
+
+    class Wide(nn.Module):
+        # activations large enough (~8 KB/sample) for RSS to see them on CPU
+        def __init__(self, d=256):
+            super().__init__()
+            self.d = d
+            self.body = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(d, d), nn.GELU())])
+
+        def forward(self, x):
+            return self.body(x)
+
+    def tiny():
+        return Tiny()
+
+    def wide():
+        return Wide()
+
+    def wide_input(batch_size):
+        return torch.randn(batch_size, 256)
+
+    def not_a_module():
+        return 42
+
+    def broken():
+        raise RuntimeError("no weights here")
+    """
+)
+
+
+@pytest.fixture()
+def models(tmp_path, monkeypatch):
+    (tmp_path / "tinymods.py").write_text(TINY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ------------------------------------------------------------------ arithmetic
+@pytest.mark.parametrize("text, n", [("6GB", 6 * 10**9), ("6GiB", 6 * 2**30), ("512MiB", 512 * 2**20),
+                                     ("1.5gb", 1_500_000_000), ("1e9", 10**9), ("300 MB", 300 * 10**6)])
+def test_parse_memory(text, n):
+    assert P.parse_memory(text) == n
+
+
+@pytest.mark.parametrize("text", ["6XB", "-5GB", "0GB", "lots", "", "6 G B"])
+def test_parse_memory_rejects(text):
+    with pytest.raises(P.PlanError, match="--memory"):
+        P.parse_memory(text)
+
+
+@pytest.mark.parametrize("target, max_micro, expect", [
+    (64, 100, (64, 1)),      # fits: no accumulation
+    (100, 48, (34, 3)),      # fewest steps, balanced micro-batches
+    (256, 5, (4, 64)),       # an exact split within 25% more steps beats 5 x 52 = 260
+    (7, 2, (2, 4)),          # prime target: 2 x 4 = 8 >= 7
+    (10, 0, (0, 0)),         # nothing fits
+])
+def test_split_batch(target, max_micro, expect):
+    micro, accum = P.split_batch(target, max_micro)
+    assert (micro, accum) == expect
+    if micro:
+        assert micro <= max_micro and micro * accum >= target
+
+
+def test_beta2_half_life_rule():
+    # Marek et al. 2025: beta2* = beta2 ** (B*/B) keeps the token half-life of exp_avg_sq
+    b = P.beta2_for(0.999, 8, 256)
+    assert b == pytest.approx(0.999 ** (1 / 32))
+    hl_ref = P.half_life_tokens(0.999, 256, 1024)
+    hl_new = P.half_life_tokens(b, 8, 1024)
+    assert hl_new == pytest.approx(hl_ref, rel=1e-9)
+    assert hl_ref == pytest.approx(math.log(0.5) / math.log(0.999) * 256 * 1024)
+
+
+def test_activation_formula_by_hand():
+    spec = P.ModelSpec(params=124_000_000, layers=12, hidden=768, seq_len=1024, vocab=50257, heads=12)
+    s, h, L, V, a = 1024, 768, 12, 50257, 12
+    # Korthikanti et al. 2022 eq. (2) per layer + fp32 logits + final LN input + embedding dropout mask
+    assert P.activation_bytes_per_sequence(spec, 16, "eager") == L * s * h * (34 + 5 * a * s / h) + 4 * s * V + 2 * s * h + s * h
+    assert P.activation_bytes_per_sequence(spec, 16, "flash") == L * s * h * 34 + 4 * s * V + 2 * s * h + s * h
+    assert P.activation_bytes_per_sequence(spec, 32, "flash") == L * s * h * 66 + 4 * s * V + 4 * s * h + s * h
+
+
+def test_gpt2_param_count():
+    assert P.gpt_param_count(12, 768, 50257, 1024) == pytest.approx(124.4e6, rel=1e-3)
+
+
+# ------------------------------------------------------------- a real module
+def test_plan_tiny_module_matches_hand_computation(models, capsys):
+    out = models / "plan.json"
+    rc, stdout, err = run_inproc(capsys, "plan", "--model", "tinymods:tiny", "--layers", "2", "--hidden", "32",
+                                 "--seq-len", "8", "--vocab", "4", "--memory", "1MB", "--headroom", "0",
+                                 "--batch", "100", "--json", str(out))
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    n = 16 * 32 + 32 + 32 * 4 + 4  # 676 parameters, largest tensor 16 x 32
+    assert res["model"]["params"] == n and res["model"]["largest_tensor"] == 512
+    s, h, L, V = 8, 32, 2, 4
+    act16 = L * s * h * 34 + 4 * s * V + 2 * s * h + s * h
+    act32 = L * s * h * 66 + 4 * s * V + 4 * s * h + s * h
+    assert res["activations"]["bytes_per_sequence_16bit"] == act16
+    assert res["activations"]["bytes_per_sequence_32bit"] == act32
+    budget = 10**6
+    hand = {  # (params, grads, master, state, transient, activation bytes per sequence)
+        "torch-fp32": (4 * n, 4 * n, 0, 8 * n, 0, act32),
+        "torch-bf16": (2 * n, 2 * n, 0, 4 * n, 0, act16),
+        "fastaccum-fp32": (4 * n, 4 * n, 0, 8 * n, 0, act32),
+        "fastaccum-bf16-master": (2 * n, 4 * n, 4 * n, 8 * n, 2 * 512, act16),
+        "fastaccum-bf16-sr": (2 * n, 4 * n, 0, 8 * n, 2 * 512, act16),
+        "fastaccum-step-in-backward": (4 * n, 4 * n, 0, 8 * n, 0, act32),
+    }
+    modes = {m["mode"]: m for m in res["modes"]}
+    assert set(modes) == set(hand)
+    for key, (pb, gb, mb, sb, tb, act) in hand.items():
+        m = modes[key]
+        assert (m["params_bytes"], m["grads_bytes"], m["master_bytes"], m["state_bytes"], m["transient_bytes"]) == (
+            pb, gb, mb, sb, tb), key
+        static = pb + gb + mb + sb + tb
+        assert m["static_bytes"] == static
+        max_micro = (budget - static) // act
+        assert m["max_micro_batch"] == max_micro, key
+        accum = 1 if key.endswith("step-in-backward") else math.ceil(100 / max_micro)
+        assert m["accumulation_steps"] == accum, key
+        assert m["micro_batch"] * accum >= 100 or key.endswith("step-in-backward")
+    # the recommended mode (bf16 + master by default) and the beta2 rescale for its batch
+    rec = res["recommendation"]
+    chosen = modes["fastaccum-bf16-master"]
+    assert rec["micro_batch"] == chosen["micro_batch"] and rec["accumulation_steps"] == chosen["accumulation_steps"]
+    assert rec["beta2"]["without_accumulation"] == pytest.approx(0.999 ** (chosen["micro_batch"] / 100))
+    assert any("Marek" in note and "without accumulation" in note for note in rec["notes"])
+    assert "fastaccum, bf16 + fp32 master" in stdout
+
+
+def test_plan_from_shape_numbers_and_tokens(capsys, tmp_path):
+    out = tmp_path / "p.json"
+    rc, stdout, err = run_inproc(capsys, "plan", "--layers", "12", "--hidden", "768", "--seq-len", "1024",
+                                 "--vocab", "50257", "--memory", "24GB", "--tokens", "0.5M", "--json", str(out))
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    assert res["model"]["params"] == P.gpt_param_count(12, 768, 50257, 1024)
+    assert res["target"]["batch_sequences"] == math.ceil(500_000 / 1024)
+    assert "beta2" in stdout and "Korthikanti" in stdout
+
+
+def test_plan_no_accumulation_needed_note(capsys, tmp_path):
+    out = tmp_path / "p.json"
+    rc, _, err = run_inproc(capsys, "plan", "--params", "10M", "--layers", "4", "--hidden", "256",
+                            "--seq-len", "128", "--memory", "8GB", "--batch", "8", "--json", str(out))
+    assert rc == 0, err
+    rec = json.loads(out.read_text())["recommendation"]
+    assert rec["accumulation_steps"] == 1 and any("no accumulation needed" in n for n in rec["notes"])
+    assert rec["beta2"]["for_chosen_batch"] == pytest.approx(0.999)
+
+
+# ---------------------------------------------------------------- --measure
+def test_plan_measure_on_cpu_finds_a_batch_under_the_budget(models):
+    out = models / "m.json"
+    budget = 16 * 10**6
+    proc = run_cli("plan", "--model", "tinymods:wide", "--input", "tinymods:wide_input", "--measure",
+                   "--memory", "16MB", "--headroom", "0", "--batch", "4096", "--dtype", "fp32",
+                   "--json", str(out), cwd=models, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    meas = res["activations"]["measured"]
+    assert meas["largest_batch_measured"] >= 64
+    assert res["activations"]["source"].startswith("measured")
+    runs = [r for r in meas["runs"] if r["activation_bytes"] is not None]
+    assert runs and all(r["total_bytes"] <= budget for r in runs)  # never ran past the budget
+    # the batch the plan recommends was measured (or is below one that was) and fits
+    rec = res["recommendation"]
+    assert 1 <= rec["micro_batch"] <= max(meas["largest_batch_measured"], rec["micro_batch"])
+    fitted = meas["static_bytes"] + meas["fixed_bytes"] + meas["per_sample_bytes"] * rec["micro_batch"]
+    assert fitted <= budget
+    # larger batches cost more: the fitted slope is at least the bytes of the stored activations
+    # (4 Linear inputs + 4 GELU inputs of 256 fp32 each = 8 KiB per sample)
+    assert meas["per_sample_bytes"] >= 0.5 * 8 * 256 * 4
+
+
+# ---------------------------------------------------------------- bad input
+BAD_PLAN = [
+    (["--params", "124M", "--layers", "12", "--hidden", "768", "--seq-len", "1024", "--memory", "6XB"], "unknown unit"),
+    (["--params=-5", "--memory", "6GB"], "--params"),
+    (["--params", "124M", "--layers", "0", "--memory", "6GB"], "--layers"),
+    (["--params", "1B", "--layers", "12", "--hidden", "768", "--seq-len", "1024", "--memory", "1GB"], "parameters alone"),
+    (["--params", "124M", "--memory", "6GB"], "--layers"),
+    (["--memory", "6GB"], "give the model"),
+    (["--params", "124M", "--layers", "2", "--hidden", "64", "--seq-len", "8", "--memory", "6GB", "--headroom", "1.5"], "--headroom"),
+    (["--params", "124M", "--layers", "2", "--hidden", "64", "--seq-len", "8", "--memory", "6GB", "--beta2", "1"], "--beta2"),
+    (["--params", "124M", "--layers", "2", "--hidden", "64", "--memory", "6GB", "--tokens", "1M"], "--"),
+    (["--params", "124M", "--layers", "2", "--hidden", "64", "--seq-len", "8", "--memory", "6GB", "--measure"], "--model"),
+    (["--model", "nosuchmodule:factory", "--memory", "6GB"], "cannot import"),
+    (["--model", "tinymods", "--memory", "6GB"], "module:factory"),
+    (["--model", "tinymods:missing", "--memory", "6GB"], "no attribute"),
+    (["--model", "tinymods:not_a_module", "--memory", "6GB"], "not a torch.nn.Module"),
+    (["--model", "tinymods:broken", "--memory", "6GB"], "no weights here"),
+    (["--model", "tinymods:wide", "--measure", "--memory", "6GB"], "--input"),
+    (["--params", "124M", "--layers", "2", "--hidden", "64", "--seq-len", "8", "--memory", "6GB", "--batch", "0"], "--batch"),
+]
+
+
+@pytest.mark.parametrize("args, needle", BAD_PLAN)
+def test_plan_bad_input_exits_2_with_one_line(models, capsys, args, needle):
+    rc, _, err = run_inproc(capsys, "plan", *args)
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], err
+
+
+def test_plan_bad_input_through_the_real_entry_point():
+    proc = run_cli("plan", "--params", "124M", "--memory", "6XB", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "--memory" in proc.stderr
