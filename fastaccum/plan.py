@@ -495,12 +495,18 @@ def measure_activations(model: Any, make_input: Callable[[int], Any], device: An
         return peak
 
     def predict(b: int) -> Optional[float]:
-        good = [(r["batch"], r["activation_bytes"]) for r in runs if r["ok"]]
+        """Activation bytes at batch ``b`` extrapolated from the two largest runs, plus a margin.
+
+        The slope is never below the average per sample of the largest run, and 10% of the
+        room is kept as a margin for RSS noise (allocator arenas, page granularity): a run is
+        only started when this says it stays under the budget.
+        """
+        good = sorted((r["batch"], r["activation_bytes"]) for r in runs if r["ok"])
         if len(good) < 2:
             return None
         (b1, m1), (b2, m2) = good[-2], good[-1]
-        slope = max((m2 - m1) / (b2 - b1), m2 / b2 if b2 else 0.0, 0.0)  # never below the average
-        return m2 + slope * (b - b2)
+        slope = max((m2 - m1) / (b2 - b1), m2 / b2 if b2 else 0.0, 0.0)
+        return m2 + slope * (b - b2) + 0.10 * limit
 
     one(1)  # untimed warm-up: allocates .grad (kept, as in training) and lazy state
     b, bad = 1, None
