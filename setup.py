@@ -22,6 +22,7 @@ Environment: ``FASTACCUM_NO_EXT=1`` skips the extension (pure-Python install; th
 """
 import os
 import platform
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -78,6 +79,8 @@ if os.environ.get("FASTACCUM_NO_EXT", "0") in ("", "0") and any(_csrc.glob("*.cp
             base_sources,
             cxx_std=17,
             extra_compile_args=common,
+            # dlopen/dlsym bind torch's OpenMP runtime at run time (csrc/dispatch.cpp)
+            libraries=["dl"] if sys.platform.startswith("linux") else [],
             depends=[str(p.relative_to(_root)) for p in _csrc.glob("*.h")],
         )
     ]

@@ -1,15 +1,23 @@
 // ISA selection, the thread pool and the chunked drivers. Compiled without ISA flags, so
 // nothing here can execute an instruction the CPU lacks.
 //
-// Threads: a small persistent pool of std::threads, not OpenMP. PyTorch wheels bundle
-// their own libgomp; linking a second OpenMP runtime (or even sharing torch's) from an
-// extension built without torch's headers risks two thread teams of `ncores` threads
-// each, both spin-waiting. Our workers block on a condition variable between calls, so
-// they cost nothing while torch's pool runs, and torch's (already idle) threads cost
-// nothing while ours run; Python passes torch.get_num_threads() so the two pools never
-// run more threads than the user asked torch to use.
+// Threads. The kernels run on *torch's own* OpenMP thread team when torch uses one:
+// fastaccum/ops.py finds the OpenMP runtime torch has loaded (the wheels bundle a
+// renamed libgomp) and passes its path to use_openmp_runtime(), which binds to it with
+// dlopen(RTLD_NOLOAD) - never loading a second runtime - and calls its GOMP_parallel
+// entry point (the ABI `#pragma omp parallel` compiles to). Why not a pool of our own:
+// after every parallel torch op, libgomp's workers spin-wait for the next region; on a
+// 2-core machine a separate pool then fights them for the cores (measured: the 5M-param
+// step took 12 ms right after torch ops instead of 2.5 ms). Torch's spinning workers
+// pick our work up at once instead. Linking OpenMP into the extension directly would
+// load the system libgomp next to torch's renamed copy: two teams of ncores threads.
+//
+// Fallback (no OpenMP runtime in the process, e.g. a TBB or native-threads torch
+// build, or FASTACCUM_THREADS=pool): a small persistent pool of std::threads that block
+// on a condition variable between calls. Python passes torch.get_num_threads() either way.
 #include "dispatch.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 
 #include <atomic>
@@ -202,6 +210,33 @@ constexpr int64_t kChunk = 1 << 16;
 // Below this many elements per thread, waking a worker costs more than it saves.
 constexpr int64_t kMinPerThread = 1 << 15;
 
+// torch's OpenMP runtime, when bound (see the top of this file).
+using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
+using OmpThreadNumFn = int (*)();
+std::atomic<GompParallelFn> g_gomp_parallel{nullptr};
+std::atomic<OmpThreadNumFn> g_omp_thread_num{nullptr};
+
+struct OmpCtx {
+  const std::function<void(int)>* fn;
+  OmpThreadNumFn tid;
+};
+
+void omp_trampoline(void* data) {
+  const OmpCtx* ctx = static_cast<const OmpCtx*>(data);
+  (*ctx->fn)(ctx->tid());
+}
+
+// Runs fn(0..n-1) on n threads: torch's OpenMP team when bound, else our pool.
+void run_parallel(int n, const std::function<void(int)>& fn) {
+  const GompParallelFn par = g_gomp_parallel.load(std::memory_order_acquire);
+  if (par != nullptr) {
+    OmpCtx ctx{&fn, g_omp_thread_num.load(std::memory_order_acquire)};
+    par(&omp_trampoline, &ctx, unsigned(n), 0u);
+    return;
+  }
+  pool().run(n, fn);
+}
+
 int effective_threads(int nthreads, int64_t total) {
   if (nthreads < 1) nthreads = 1;
   const int64_t useful = (total + kMinPerThread - 1) / kMinPerThread;
@@ -216,7 +251,7 @@ void for_chunks(int64_t nchunks, int64_t total_elems, int nthreads, const std::f
     return;
   }
   std::atomic<int64_t> next{0};
-  pool().run(n, [&](int) {
+  run_parallel(n, [&](int) {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < nchunks;) body(c);
   });
 }
@@ -238,6 +273,27 @@ std::vector<Chunk> make_chunks(const Seg* segs, int64_t nsegs, int64_t* total) {
 }
 
 }  // namespace
+
+bool use_openmp_runtime(const std::string& path) {
+  if (path.empty()) {  // back to our own pool
+    g_gomp_parallel.store(nullptr, std::memory_order_release);
+    return false;
+  }
+  // RTLD_NOLOAD: only a runtime that is already loaded (torch's); the handle is kept for
+  // the life of the process, like the library itself.
+  void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);
+  if (h == nullptr) return false;
+  void* par = dlsym(h, "GOMP_parallel");
+  void* tid = dlsym(h, "omp_get_thread_num");
+  if (par == nullptr || tid == nullptr) return false;
+  g_omp_thread_num.store(reinterpret_cast<OmpThreadNumFn>(tid), std::memory_order_release);
+  g_gomp_parallel.store(reinterpret_cast<GompParallelFn>(par), std::memory_order_release);
+  return true;
+}
+
+std::string threading_mode() {
+  return g_gomp_parallel.load(std::memory_order_acquire) != nullptr ? "openmp" : "pool";
+}
 
 // ------------------------------------------------------------------------------------
 // Drivers
@@ -288,6 +344,15 @@ void sgd(const SgdJob& job, int nthreads) {
   for_chunks(int64_t(chunks.size()), total, nthreads, [&](int64_t c) {
     const Chunk& ch = chunks[size_t(c)];
     t.sgd(job, ch.seg, ch.begin, ch.end);
+  });
+}
+
+void stream(float* const* arrays, int k, int w, int64_t n, int nthreads) {
+  const KernelTable& t = active_table();
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  for_chunks(nchunks, n, nthreads, [&](int64_t c) {
+    const int64_t b = c * kChunk, e = b + kChunk < n ? b + kChunk : n;
+    t.stream(arrays, k, w, b, e);
   });
 }
 

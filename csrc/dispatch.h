@@ -16,6 +16,12 @@ const KernelTable& active_table();
 void set_isa(const std::string& name);
 std::vector<std::string> supported_isas();
 
+// Run the kernels' threads on the OpenMP runtime at `path` if it is already loaded in the
+// process (torch's); returns false (keeping our own pool) otherwise. "" selects the pool.
+bool use_openmp_runtime(const std::string& path);
+// "openmp" or "pool".
+std::string threading_mode();
+
 // All drivers split the work into fixed-size chunks (independent of the thread count, so
 // sums are combined in the same order whatever the number of threads) and run them on
 // `nthreads` threads: the caller plus nthreads-1 pool workers.
@@ -24,5 +30,7 @@ double accumulate(float* dst, const void* src, int src_dtype, int64_t n, float a
 double sumsq(const float* x, int64_t n, int nthreads);
 void adam(const AdamJob& job, int nthreads);
 void sgd(const SgdJob& job, int nthreads);
+// Streaming-bound kernel for benchmarks (see kernels_impl.h, stream_entry).
+void stream(float* const* arrays, int k, int w, int64_t n, int nthreads);
 
 }  // namespace fastaccum

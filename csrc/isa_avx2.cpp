@@ -20,6 +20,6 @@ const KernelTable kAvx2Table = make_table<VecAvx2>("avx2");
 #else
 // Built without the flags (non-x86 target, or a compiler that lacks them): not available.
 namespace fastaccum {
-const KernelTable kAvx2Table = {nullptr, nullptr, nullptr, nullptr, nullptr};
+const KernelTable kAvx2Table = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 }
 #endif

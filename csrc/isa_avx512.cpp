@@ -20,6 +20,6 @@ const KernelTable kAvx512Table = make_table<VecAvx512>("avx512");
 }  // namespace fastaccum
 #else
 namespace fastaccum {
-const KernelTable kAvx512Table = {nullptr, nullptr, nullptr, nullptr, nullptr};
+const KernelTable kAvx512Table = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 }
 #endif

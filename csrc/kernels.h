@@ -96,6 +96,8 @@ struct KernelTable {
   // Elements [begin, end) of segment `seg`; begin must be a multiple of 64.
   void (*adam)(const AdamJob& job, int64_t seg, int64_t begin, int64_t end);
   void (*sgd)(const SgdJob& job, int64_t seg, int64_t begin, int64_t end);
+  // Benchmark helper: read k <= 8 fp32 arrays, write back the first w (streaming bound).
+  void (*stream)(float* const* arrays, int k, int w, int64_t begin, int64_t end);
 };
 
 extern const KernelTable kScalarTable;

@@ -323,7 +323,35 @@ static void sgd_entry(const SgdJob& J, int64_t s, int64_t b, int64_t e) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Streaming bound for the benchmarks: read `k` fp32 arrays and write back the first `w`,
+// with next to no arithmetic (x + 0*s: not foldable under IEEE rules), through the same
+// chunking and threads as the kernels. Its GB/s is the memory bound an update with the
+// same access pattern can reach on this machine.
+
+template <class V>
+static void stream_entry(float* const* arrays, int k, int w, int64_t begin, int64_t end) {
+  using F = typename V::F;
+  constexpr int W = V::W;
+  const F zero = V::zero();
+  int64_t i = begin;
+  for (; i + W <= end; i += W) {
+    F x[8];
+    F s = zero;
+    for (int j = 0; j < k; ++j) {
+      x[j] = V::ld32(arrays[j] + i);
+      s = V::add(s, x[j]);
+    }
+    for (int j = 0; j < w; ++j) V::st32(arrays[j] + i, V::fma(s, zero, x[j]));
+  }
+  for (; i < end; ++i) {
+    float s = 0.0f;
+    for (int j = 0; j < k; ++j) s += arrays[j][i];
+    for (int j = 0; j < w; ++j) arrays[j][i] = arrays[j][i] + 0.0f * s;
+  }
+}
+
 template <class V>
 static KernelTable make_table(const char* name) {
-  return KernelTable{name, &accumulate_entry<V>, &sumsq_entry<V>, &adam_entry<V>, &sgd_entry<V>};
+  return KernelTable{name, &accumulate_entry<V>, &sumsq_entry<V>, &adam_entry<V>, &sgd_entry<V>, &stream_entry<V>};
 }

@@ -179,6 +179,16 @@ void py_sgd(const Ptrs& params, const Ptrs& grads, const Ptrs& momentum_buffers,
   fastaccum::sgd(job, threads_arg(nthreads));
 }
 
+void py_stream(const Ptrs& arrays, int nwrite, int64_t n, int nthreads) {
+  if (arrays.empty() || arrays.size() > 8 || nwrite < 0 || size_t(nwrite) > arrays.size() || n < 0) {
+    throw std::invalid_argument("fastaccum._C.stream: needs 1..8 arrays, 0 <= nwrite <= len(arrays), n >= 0");
+  }
+  std::vector<float*> a;
+  for (uintptr_t p : arrays) a.push_back(reinterpret_cast<float*>(p));
+  py::gil_scoped_release nogil;
+  fastaccum::stream(a.data(), int(a.size()), nwrite, n, threads_arg(nthreads));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -187,6 +197,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("isa", [] { return std::string(fastaccum::active_table().name); }, "ISA the kernels run with");
   m.def("set_isa", &fastaccum::set_isa, py::arg("name"), "Force 'avx512', 'avx2' or 'scalar' (tests, benchmarks)");
   m.def("supported_isas", &fastaccum::supported_isas);
+  m.def("use_openmp_runtime", &fastaccum::use_openmp_runtime, py::arg("path"),
+        "Run kernel threads on the already-loaded OpenMP runtime at path (torch's); '' = own pool");
+  m.def("threading", &fastaccum::threading_mode, "'openmp' (torch's team) or 'pool'");
   m.def("accumulate", &py_accumulate, py::arg("dst"), py::arg("src"), py::arg("src_dtype"), py::arg("n"),
         py::arg("alpha"), py::arg("want_sumsq"), py::arg("nthreads"),
         "dst[:n] += alpha * src[:n] (dst fp32); returns sum(src^2) in fp64 when want_sumsq");
@@ -197,6 +210,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("param_dtype"), py::arg("state_dtype"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("maximize"),
         py::arg("grad_scale"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("nthreads"));
+  m.def("stream", &py_stream, py::arg("arrays"), py::arg("nwrite"), py::arg("n"), py::arg("nthreads"),
+        "benchmark helper: read every fp32 array (n elements each), write back the first nwrite; "
+        "the streaming bound of an update with that access pattern");
   m.def("sgd", &py_sgd, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("masters"),
         py::arg("numels"), py::arg("steps"), py::arg("param_dtype"), py::arg("lr"), py::arg("momentum"),
         py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"), py::arg("maximize"),

@@ -9,7 +9,10 @@ and sizes here before a pointer crosses into C++: a wrong tensor raises a ``Type
 ``ValueError`` naming the argument instead of corrupting memory.
 
 Threads follow ``torch.get_num_threads()`` at each call, so ``torch.set_num_threads`` (and
-``OMP_NUM_THREADS``) govern these kernels as they govern torch's own.
+``OMP_NUM_THREADS``) govern these kernels as they govern torch's own. When torch runs on
+OpenMP, the kernels run on torch's own OpenMP thread team (found here, bound in C++ without
+loading a second runtime): a separate pool would fight torch's spin-waiting workers for
+the cores. ``FASTACCUM_THREADS=pool`` selects the extension's own thread pool instead.
 
 Importing this module raises ``ImportError`` when ``fastaccum._C`` is missing; the cpu
 backend turns that into "backend unavailable" (see ``fastaccum/backends/cpu.py``).
@@ -21,6 +24,10 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
+import os
+import sys
+from pathlib import Path
+
 from . import _C
 
 __all__ = ["DTYPE_CODES", "STATE_DTYPES", "accumulate_", "accumulate_sumsq_", "grad_norm", "adam_", "sgd_"]
@@ -31,6 +38,42 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 # seeds cross into C++ as uint64 through the int64 of the op schema
 _SEED_MASK = (1 << 63) - 1
+
+
+def _loaded_openmp_runtime() -> str:
+    """Path of the OpenMP runtime torch uses, if it is loaded in this process, else ""."""
+    if not torch.backends.openmp.is_available():
+        return ""
+    names = ("libgomp", "libiomp5", "libomp")
+    candidates: List[str] = []
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    path = line.rsplit(None, 1)[-1] if "/" in line else ""
+                    if Path(path).name.startswith(names) and path not in candidates:
+                        candidates.append(path)
+        except OSError:
+            return ""
+    else:
+        lib = Path(torch.__file__).parent / "lib"
+        candidates = [str(p) for p in sorted(lib.glob("lib*omp*")) if p.name.startswith(names)]
+    torch_dir = str(Path(torch.__file__).parent)
+    candidates.sort(key=lambda p: not p.startswith(torch_dir))  # torch's own copy first
+    return candidates[0] if candidates else ""
+
+
+def _bind_threads() -> str:
+    if os.environ.get("FASTACCUM_THREADS", "").strip().lower() != "pool":
+        path = _loaded_openmp_runtime()
+        if path and _C.use_openmp_runtime(path):
+            return "openmp"
+    _C.use_openmp_runtime("")
+    return "pool"
+
+
+#: how the kernels run their threads: "openmp" (torch's team) or "pool" (the extension's)
+THREADING = _bind_threads()
 
 
 def _check(t: Tensor, name: str, dtypes: Sequence[torch.dtype], numel: int = -1) -> None:

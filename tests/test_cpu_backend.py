@@ -550,3 +550,33 @@ def test_auto_picks_cpu_backend_for_cpu_tensors():
     from fastaccum.backends import resolve_backend
 
     assert resolve_backend("auto", "cpu").name == "cpu"
+
+
+def test_kernels_run_on_torch_openmp_team_and_own_pool_alike():
+    """With an OpenMP torch the kernels bind torch's own OpenMP team (no second runtime,
+    no pool fighting torch's spin-waiting workers); the fallback pool gives the same bits."""
+    from fastaccum import ops
+
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        assert ops.THREADING == "openmp" and _C.threading() == "openmp"
+    sizes = [3 * (1 << 16) + 5, 17]
+    hp_kw = dict(ADAM_KINDS["adamw"], grad_scale=0.5, stochastic_rounding=True)
+    out = {}
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for mode in ("bound", "pool"):
+            if mode == "pool":
+                _C.use_openmp_runtime("")
+                assert _C.threading() == "pool"
+            st = _adam_state(sizes, torch.bfloat16, torch.bfloat16, False, False)
+            out[mode] = _run_adam(CPU, st, hp_kw, sizes, steps=2)
+            buf = torch.randn(sizes[0], generator=torch.Generator().manual_seed(0))
+            out[mode]["norm"] = [CPU.grad_norm(buf)]
+    finally:
+        ops._bind_threads()
+        torch.set_num_threads(old)
+    for k, ts in out["bound"].items():
+        if ts is not None:
+            for x, y in zip(ts, out["pool"][k]):
+                assert torch.equal(x, y), k
