@@ -766,6 +766,21 @@ def versions() -> Dict[str, Optional[str]]:
 
 
 # ------------------------------------------------------------------------------ suite
+def env_sizes(default: Sequence[int] = (10_000_000, 100_000_000)) -> List[int]:
+    """Sizes for the pytest-benchmark suites: ``FASTACCUM_BENCH_PARAMS=10M,100M`` or
+    ``FASTACCUM_BENCH_QUICK=1`` (1M, 4M: a smoke run in seconds), else ``default``."""
+    if os.environ.get("FASTACCUM_BENCH_PARAMS"):
+        return [parse_count(s) for s in os.environ["FASTACCUM_BENCH_PARAMS"].split(",")]
+    if os.environ.get("FASTACCUM_BENCH_QUICK", "0") not in ("", "0"):
+        return [1_000_000, 4_000_000]
+    return list(default)
+
+
+def rounds_for(n: int) -> int:
+    """Timed rounds per row: enough for a stable median, about 2-10 s per row on 2 cores."""
+    return 30 if n <= 4_000_000 else 15 if n <= 20_000_000 else 7
+
+
 @dataclass
 class BenchConfig:
     params: List[int]

@@ -1,0 +1,31 @@
+"""Shared fixtures for the pytest-benchmark suites in bench/ (the harness itself is
+``fastaccum.benchmark``, the code ``fastaccum bench`` runs).
+
+Run: ``python -m pytest bench/ --benchmark-only`` (not part of the test suite: ``testpaths``
+is ``tests``). Environment:
+
+* ``FASTACCUM_BENCH_QUICK=1``: small sizes (1M, 4M params) for a smoke run in seconds.
+* ``FASTACCUM_BENCH_PARAMS=10M,100M``: the sizes of ``test_bench_step.py`` (default 10M,100M).
+* ``FASTACCUM_BENCH_THREADS=N``: torch intra-op threads (default: torch's default).
+"""
+from __future__ import annotations
+
+import os
+import pytest
+import torch
+
+from fastaccum import benchmark as harness
+
+
+@pytest.fixture(scope="session")
+def bench_threads() -> int:
+    n = int(os.environ.get("FASTACCUM_BENCH_THREADS", "0") or 0)
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+@pytest.fixture(scope="session")
+def stream_bandwidth(bench_threads) -> harness.Bandwidth:
+    """The machine's streaming bandwidth, measured once per session with the same threads."""
+    return harness.measure_bandwidth(torch.device("cpu"))
