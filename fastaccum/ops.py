@@ -24,6 +24,7 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -116,13 +117,20 @@ def _ptrs(ts: Sequence[Tensor]) -> List[int]:
 # accumulate
 
 
+def accumulate_impl(dst: Tensor, src: Tensor, alpha: float, want_sumsq: bool, check: bool = True) -> float:
+    """The kernel call behind the accumulate ops. ``check=False`` is for callers that have
+    already verified what :func:`_check` verifies (the cpu backend's routing does)."""
+    if check:
+        _check(dst, "dst", (torch.float32,))
+        _check(src, "src", tuple(DTYPE_CODES), dst.numel())
+    return _C.accumulate(dst.data_ptr(), src.data_ptr(), DTYPE_CODES[src.dtype], dst.numel(), float(alpha),
+                         want_sumsq, torch.get_num_threads())
+
+
 @torch.library.custom_op("fastaccum::accumulate_", mutates_args=("dst",), device_types="cpu")
 def accumulate_(dst: Tensor, src: Tensor, alpha: float) -> None:
     """``dst += alpha * src``; dst fp32, src fp32/bf16/fp16, both contiguous with equal numel."""
-    _check(dst, "dst", (torch.float32,))
-    _check(src, "src", tuple(DTYPE_CODES), dst.numel())
-    _C.accumulate(dst.data_ptr(), src.data_ptr(), DTYPE_CODES[src.dtype], dst.numel(), float(alpha), False,
-                  torch.get_num_threads())
+    accumulate_impl(dst, src, alpha, False)
 
 
 @accumulate_.register_fake
@@ -134,11 +142,7 @@ def _(dst: Tensor, src: Tensor, alpha: float) -> None:
 def accumulate_sumsq_(dst: Tensor, src: Tensor, alpha: float) -> Tensor:
     """``dst += alpha * src`` and, in the same pass, ``sum(src**2)`` (fp64, 0-dim) of the
     incoming gradient as given (before ``alpha``), for gradient-noise telemetry."""
-    _check(dst, "dst", (torch.float32,))
-    _check(src, "src", tuple(DTYPE_CODES), dst.numel())
-    s = _C.accumulate(dst.data_ptr(), src.data_ptr(), DTYPE_CODES[src.dtype], dst.numel(), float(alpha), True,
-                      torch.get_num_threads())
-    return torch.tensor(s, dtype=torch.float64)
+    return torch.tensor(accumulate_impl(dst, src, alpha, True), dtype=torch.float64)
 
 
 @accumulate_sumsq_.register_fake
@@ -150,13 +154,19 @@ def _(dst: Tensor, src: Tensor, alpha: float) -> Tensor:
 # norm + inf/nan check
 
 
+def grad_norm_impl(buf: Tensor, check: bool = True) -> Tensor:
+    if check:
+        _check(buf, "buf", (torch.float32,))
+    s = _C.sumsq(buf.data_ptr(), buf.numel(), torch.get_num_threads())
+    # sqrt in double, one rounding to fp32 (inf/nan stay inf/nan)
+    return torch.tensor(math.sqrt(s), dtype=torch.float32)
+
+
 @torch.library.custom_op("fastaccum::grad_norm", mutates_args=(), device_types="cpu")
 def grad_norm(buf: Tensor) -> Tensor:
     """L2 norm (0-dim fp32) of a contiguous fp32 buffer, accumulated in fp64 in one read
     pass; inf/nan when any element is inf/nan, so it is also the found-inf check."""
-    _check(buf, "buf", (torch.float32,))
-    s = _C.sumsq(buf.data_ptr(), buf.numel(), torch.get_num_threads())
-    return torch.tensor(s, dtype=torch.float64).sqrt().to(torch.float32)
+    return grad_norm_impl(buf)
 
 
 @grad_norm.register_fake
@@ -197,24 +207,34 @@ def adam_(
     ``max_exp_avg_sqs`` / ``masters`` are empty lists when amsgrad is off / there are no
     master weights. One call takes one param dtype and one state dtype.
     """
+    adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, beta1, beta2, eps,
+              weight_decay, decoupled, maximize, grad_scale, stochastic_rounding, seed)
+
+
+def adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, beta1, beta2, eps,
+              weight_decay, decoupled, maximize, grad_scale, stochastic_rounding, seed, check: bool = True) -> None:
+    """The kernel call behind ``fastaccum::adam_``; ``check=False`` skips the argument checks
+    for a caller that has made them (the cpu backend, whose routing checks every tensor)."""
     numels = [p.numel() for p in params]
-    _check_list(params, "params", tuple(DTYPE_CODES), numels)
-    _check_list(grads, "grads", (torch.float32,), numels)
-    _check_list(exp_avgs, "exp_avgs", STATE_DTYPES, numels)
-    _check_list(exp_avg_sqs, "exp_avg_sqs", STATE_DTYPES, numels)
-    if max_exp_avg_sqs:
-        _check_list(max_exp_avg_sqs, "max_exp_avg_sqs", STATE_DTYPES, numels)
-    if masters:
-        _check_list(masters, "masters", (torch.float32,), numels)
-    if len(steps) != len(params):
-        raise ValueError(f"fastaccum cpu kernels: steps has {len(steps)} entries, expected {len(params)}")
+    if check:
+        _check_list(params, "params", tuple(DTYPE_CODES), numels)
+        _check_list(grads, "grads", (torch.float32,), numels)
+        _check_list(exp_avgs, "exp_avgs", STATE_DTYPES, numels)
+        _check_list(exp_avg_sqs, "exp_avg_sqs", STATE_DTYPES, numels)
+        if max_exp_avg_sqs:
+            _check_list(max_exp_avg_sqs, "max_exp_avg_sqs", STATE_DTYPES, numels)
+        if masters:
+            _check_list(masters, "masters", (torch.float32,), numels)
+        if len(steps) != len(params):
+            raise ValueError(f"fastaccum cpu kernels: steps has {len(steps)} entries, expected {len(params)}")
     if not params:
         return
     state_dtype = exp_avgs[0].dtype
-    for name, ts in (("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs)):
-        if ts and ts[0].dtype != state_dtype:
-            raise TypeError(f"fastaccum cpu kernels: {name} is {ts[0].dtype} but exp_avgs is {state_dtype}; "
-                            "all moments of one call share a dtype")
+    if check:
+        for name, ts in (("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs)):
+            if ts and ts[0].dtype != state_dtype:
+                raise TypeError(f"fastaccum cpu kernels: {name} is {ts[0].dtype} but exp_avgs is {state_dtype}; "
+                                "all moments of one call share a dtype")
     _C.adam(
         _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _ptrs(max_exp_avg_sqs), _ptrs(masters),
         numels, [int(s) for s in steps], DTYPE_CODES[params[0].dtype], DTYPE_CODES[state_dtype],
@@ -249,15 +269,23 @@ def sgd_(
     seed: int,
 ) -> None:
     """One fused SGD(+momentum) pass; ``momentum_buffers`` (fp32) is empty when momentum == 0."""
+    sgd_impl(params, grads, momentum_buffers, masters, steps, lr, momentum, dampening, nesterov, weight_decay,
+             maximize, grad_scale, stochastic_rounding, seed)
+
+
+def sgd_impl(params, grads, momentum_buffers, masters, steps, lr, momentum, dampening, nesterov, weight_decay,
+             maximize, grad_scale, stochastic_rounding, seed, check: bool = True) -> None:
+    """The kernel call behind ``fastaccum::sgd_`` (``check`` as in :func:`adam_impl`)."""
     numels = [p.numel() for p in params]
-    _check_list(params, "params", tuple(DTYPE_CODES), numels)
-    _check_list(grads, "grads", (torch.float32,), numels)
-    if momentum != 0:
-        _check_list(momentum_buffers, "momentum_buffers", (torch.float32,), numels)
-    if masters:
-        _check_list(masters, "masters", (torch.float32,), numels)
-    if len(steps) != len(params):
-        raise ValueError(f"fastaccum cpu kernels: steps has {len(steps)} entries, expected {len(params)}")
+    if check:
+        _check_list(params, "params", tuple(DTYPE_CODES), numels)
+        _check_list(grads, "grads", (torch.float32,), numels)
+        if momentum != 0:
+            _check_list(momentum_buffers, "momentum_buffers", (torch.float32,), numels)
+        if masters:
+            _check_list(masters, "masters", (torch.float32,), numels)
+        if len(steps) != len(params):
+            raise ValueError(f"fastaccum cpu kernels: steps has {len(steps)} entries, expected {len(params)}")
     if not params:
         return
     _C.sgd(

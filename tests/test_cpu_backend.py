@@ -580,3 +580,19 @@ def test_kernels_run_on_torch_openmp_team_and_own_pool_alike():
         if ts is not None:
             for x, y in zip(ts, out["pool"][k]):
                 assert torch.equal(x, y), k
+
+
+def test_backend_traces_under_torch_compile():
+    """Under torch.compile the backend calls the registered ops (fake impls let it trace
+    without graph breaks); eagerly it calls the kernels directly. Same numbers."""
+    torch._dynamo.reset()
+
+    def f(dst, src):
+        CPU.accumulate_(dst, src, 0.5)
+        return CPU.grad_norm(dst)
+
+    dst, src = torch.randn(4097), torch.randn(4097).to(torch.bfloat16)
+    ref_dst = dst.clone()
+    ref = f(ref_dst, src)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(dst, src)
+    assert torch.equal(dst, ref_dst) and torch.equal(got, ref)
