@@ -334,8 +334,10 @@ class AccumOptimizer(torch.optim.Optimizer):
             raise RuntimeError("clip_grad_norm_ cannot work with step_in_backward=True: parameters are already "
                                "updated during backward")
         self._fold_grads()
-        scale, divisor = self._window_scale_divisor(sync=True)
-        total = self._raw_norm() / (scale * divisor)
+        scale, divisor = self._window_scale_divisor()
+        raw = self._raw_norm()
+        divisor, _ = self._sync_ranks(divisor, not math.isfinite(raw))
+        total = raw / (scale * divisor)
         self._clip_request = max_norm
         device = self._buckets[0].device if self._buckets else torch.device("cpu")
         return torch.tensor(total, dtype=torch.float32, device=device)
@@ -389,27 +391,33 @@ class AccumOptimizer(torch.optim.Optimizer):
         return loss
 
     # --------------------------------------------------------------- internals
-    def _window_scale_divisor(self, sync: bool = False) -> Tuple[float, float]:
-        """(loss scale applied to the buffers, normalisation divisor) for the current window.
+    def _window_scale_divisor(self) -> Tuple[float, float]:
+        """(loss scale applied to the buffers, this rank's normalisation divisor) for the window.
 
         The divisor is the sum of the micro-batch weights when ``scale_loss``/``backward`` was
         used; otherwise the number of micro-batches in managed mode, or 1 in the classic loop
-        (where the user has already divided the loss). Across ranks the weight sum is
-        all-reduced: DDP averages gradients over ranks, so the global token-weighted mean is
-        ``world_size * grad / sum_r(weights_r)``.
+        (where the user has already divided the loss).
         """
         if self._weighted:
-            scale = self._scaler.scale if self._scaler is not None else 1.0
-            divisor = self._weight_sum
-            world = _dist_world() if sync else None
-            if world is not None:
-                size, backend = world
-                device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-                t = torch.tensor([divisor], dtype=torch.float32, device=device)
-                torch.distributed.all_reduce(t)
-                divisor = float(t.item()) / size
-            return scale, divisor
+            return (self._scaler.scale if self._scaler is not None else 1.0), self._weight_sum
         return 1.0, float(self.accumulation_steps)
+
+    def _sync_ranks(self, divisor: float, nonfinite: bool) -> Tuple[float, bool]:
+        """One small all-reduce of (weight sum, found-inf) when torch.distributed runs.
+
+        DDP averages gradients over ranks, so the global token-weighted mean is
+        ``world_size * grad / sum_r(weights_r)``: exact even when ranks saw different token
+        counts. The found-inf flag is shared so that every rank skips together.
+        """
+        world = _dist_world()
+        if world is None:
+            return divisor, nonfinite
+        size, backend = world
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        t = torch.tensor([divisor if self._weighted else 0.0, float(nonfinite)], dtype=torch.float32, device=device)
+        torch.distributed.all_reduce(t)
+        weight_sum, any_nonfinite = t.tolist()
+        return (weight_sum / size if self._weighted else divisor), any_nonfinite > 0
 
     def _raw_norm(self) -> float:
         """L2 norm of all raw buffers (one read pass); non-finite when any element is."""
@@ -431,21 +439,23 @@ class AccumOptimizer(torch.optim.Optimizer):
     def _update(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         self._check_groups()  # a NaN lr set by hand is refused before anything changes
         self._fold_grads()
-        scale, divisor = self._window_scale_divisor(sync=True)
+        scale, divisor = self._window_scale_divisor()
         if grad_scale is not None:
             scale *= _as_float("grad_scale", grad_scale)
-        inv = 1.0 / (scale * divisor)
         max_norm = self._clip_request if self._clip_request is not None else self.max_grad_norm
         external_inf = found_inf is not None and _as_float("found_inf", found_inf) > 0
+        # the read-only norm pass runs only when something needs it; it is also the inf check
+        need_norm = self._scaler is not None or grad_scale is not None or max_norm is not None
+        raw = self._raw_norm() if need_norm else 0.0
+        divisor, nonfinite = self._sync_ranks(divisor, external_inf or not math.isfinite(raw))
+        if nonfinite:
+            self._skip()
+            return
+        inv = 1.0 / (scale * divisor)
         coef = 1.0
-        if self._scaler is not None or grad_scale is not None or max_norm is not None or external_inf:
-            raw = self._raw_norm()
-            if external_inf or not math.isfinite(raw):
-                self._skip()
-                return
-            if max_norm is not None:
-                # torch.nn.utils.clip_grad_norm_'s formula, on the unscaled, normalised norm
-                coef = min(1.0, max_norm / (raw * inv + 1e-6))
+        if max_norm is not None:
+            # torch.nn.utils.clip_grad_norm_'s formula, on the unscaled, normalised norm
+            coef = min(1.0, max_norm / (raw * inv + 1e-6))
         multiplier = inv * coef
         for bucket in self._buckets:
             live = [i for i, is_live in enumerate(bucket.live) if is_live]

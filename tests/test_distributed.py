@@ -62,3 +62,28 @@ def test_ddp_global_token_mean(tmp_path):
         opt.zero_grad()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _inf_worker(rank, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fastaccum.SGD([p], lr=0.1, loss_scale="dynamic", backend="torch")
+    for step in range(3):
+        # only rank 1 overflows, only at step 1: without a shared found-inf flag rank 0
+        # would step while rank 1 skips, and the replicas would drift apart
+        bad = float("inf") if (rank == 1 and step == 1) else 1.0
+        opt.backward((p * bad).sum())
+        opt.step()
+        opt.zero_grad()
+    if rank == 0:
+        torch.save({"skipped": opt.skipped_steps, "scale": opt.loss_scale, "p": p.detach()}, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_ranks_skip_together(tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_inf_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    got = torch.load(out)
+    assert got["skipped"] == 1 and got["scale"] == 2.0**15
+    torch.testing.assert_close(got["p"], torch.full((3,), 1.0 - 2 * 0.1))
