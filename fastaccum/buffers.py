@@ -27,7 +27,7 @@ def _round_up(n: int, k: int) -> int:
 
 
 class Bucket:
-    def __init__(self, params: List[Tensor], group_index: int, backend: Backend) -> None:
+    def __init__(self, params: List[Tensor], group_index: int, backend: Backend, with_buffer: bool = True) -> None:
         self.params = params
         self.group_index = group_index
         self.device = params[0].device
@@ -40,8 +40,9 @@ class Bucket:
             self.offsets.append(total)
             total += _round_up(max(n, 1), ALIGN)
         self.numel = total
-        self.grad = torch.zeros(total, dtype=torch.float32, device=self.device)
-        self.grad_views = self.views(self.grad)
+        # No accumulation buffer with step_in_backward: each gradient is used once, in its hook.
+        self.grad: Optional[Tensor] = torch.zeros(total, dtype=torch.float32, device=self.device) if with_buffer else None
+        self.grad_views: List[Tensor] = self.views(self.grad) if with_buffer else []
         # live[i]: in torch's terms, p.grad would be a tensor (not None) now. Only live
         # parameters are updated, so that parameters that got no gradient are skipped
         # exactly as torch.optim skips ``p.grad is None``.

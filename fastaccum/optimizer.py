@@ -183,7 +183,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         for p in self.param_groups[-1]["params"]:
             by_key.setdefault((p.device, p.dtype), []).append(p)
         for (device, _), ps in by_key.items():
-            self._add_bucket(Bucket(ps, group_index, backends[device]))
+            self._add_bucket(Bucket(ps, group_index, backends[device], with_buffer=not self.step_in_backward))
 
     def _add_bucket(self, bucket: Bucket) -> None:
         bi = len(self._buckets)
@@ -191,6 +191,10 @@ class AccumOptimizer(torch.optim.Optimizer):
         ref = weakref.ref(self)
         for i, p in enumerate(bucket.params):
             self._where[p] = (bi, i)
+            if p.requires_grad:
+                self._hook_handles.append(p.register_post_accumulate_grad_hook(_make_hook(ref, bi, i)))
+            if bucket.grad is None:
+                continue
             existing = p.grad
             if bucket.low_precision:
                 p.main_grad = bucket.grad_views[i]
@@ -202,8 +206,6 @@ class AccumOptimizer(torch.optim.Optimizer):
             # Otherwise an fp32 p.grad stays None until the parameter's first gradient, which
             # the hook moves into the view: a parameter that never gets a gradient keeps
             # p.grad None, as with torch.optim (code that tests `p.grad is None` still works).
-            if p.requires_grad:
-                self._hook_handles.append(p.register_post_accumulate_grad_hook(_make_hook(ref, bi, i)))
 
     # --------------------------------------------------------------- gradients
     def _check_grad(self, bucket: Bucket, p: Tensor, g: Tensor) -> None:
@@ -225,6 +227,14 @@ class AccumOptimizer(torch.optim.Optimizer):
         if g is None:
             return
         self._check_grad(bucket, p, g)
+        if self.step_in_backward:
+            # the gradient is used once, here, and released: none outlives its backward
+            scale, divisor = self._window_scale_divisor()
+            g32 = g.to(torch.float32, memory_format=torch.contiguous_format).view(p.shape)
+            with torch.no_grad():
+                self._update_bucket(bucket, [i], 1.0 / (scale * divisor), grads=[g32])
+            p.grad = None
+            return
         if bucket.low_precision:
             bucket.backend.accumulate_(bucket.grad_views[i], g, 1.0)
             p.grad = None  # the bf16/fp16 gradient never outlives this hook
@@ -236,11 +246,6 @@ class AccumOptimizer(torch.optim.Optimizer):
         bucket.live[i] = True
         bucket.dirty = True
         self._norm_cache = None
-        if self.step_in_backward:
-            scale, divisor = self._window_scale_divisor()
-            with torch.no_grad():
-                self._update_bucket(bucket, [i], 1.0 / (scale * divisor))
-            bucket.dirty = False
 
     def _fold_grads(self) -> None:
         """Make the buffers hold exactly what the user means as gradient now.
@@ -519,7 +524,10 @@ class AccumOptimizer(torch.optim.Optimizer):
     def _stochastic(self, bucket: Bucket) -> bool:
         return self.state_dtype == torch.bfloat16 or (bucket.dtype == torch.bfloat16 and not self.master_weights)
 
-    def _update_bucket(self, bucket: Bucket, idx: Sequence[int], multiplier: float) -> None:
+    def _update_bucket(
+        self, bucket: Bucket, idx: Sequence[int], multiplier: float, grads: Optional[List[Tensor]] = None
+    ) -> None:
+        """Update parameters ``idx`` of the bucket from their buffer segments (or ``grads``)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ state dict
@@ -600,7 +608,9 @@ class AccumOptimizer(torch.optim.Optimizer):
                 state[name] = view
         if extra is not None:
             for b, buf, live, dirty in zip(self._buckets, extra["grad_buffers"], extra["live"], extra["dirty"]):
-                if buf is None:
+                if b.grad is None:
+                    pass
+                elif buf is None:
                     b.grad.zero_()
                 else:
                     b.grad.copy_(buf)
@@ -710,14 +720,16 @@ class Adam(AccumOptimizer):
             spec.append(("max_exp_avg_sq", self.state_dtype))
         return spec
 
-    def _update_bucket(self, bucket: Bucket, idx: Sequence[int], multiplier: float) -> None:
+    def _update_bucket(
+        self, bucket: Bucket, idx: Sequence[int], multiplier: float, grads: Optional[List[Tensor]] = None
+    ) -> None:
         group = self.param_groups[bucket.group_index]
         views = self._prepare_state(bucket, idx)
         steps = bucket.steps.tolist()
         pick = lambda name: [views[name][i] for i in idx] if name in views else None  # noqa: E731
         segs = AdamSegments(
             params=[bucket.params[i] for i in idx],
-            grads=[bucket.grad_views[i] for i in idx],
+            grads=grads if grads is not None else [bucket.grad_views[i] for i in idx],
             exp_avgs=pick("exp_avg"),
             exp_avg_sqs=pick("exp_avg_sq"),
             max_exp_avg_sqs=pick("max_exp_avg_sq"),
@@ -807,13 +819,15 @@ class SGD(AccumOptimizer):
     def _state_spec(self, group: Dict[str, Any]) -> List[Tuple[str, torch.dtype]]:
         return [("momentum_buffer", torch.float32)] if group["momentum"] != 0 else []
 
-    def _update_bucket(self, bucket: Bucket, idx: Sequence[int], multiplier: float) -> None:
+    def _update_bucket(
+        self, bucket: Bucket, idx: Sequence[int], multiplier: float, grads: Optional[List[Tensor]] = None
+    ) -> None:
         group = self.param_groups[bucket.group_index]
         views = self._prepare_state(bucket, idx)
         steps = bucket.steps.tolist()
         segs = SGDSegments(
             params=[bucket.params[i] for i in idx],
-            grads=[bucket.grad_views[i] for i in idx],
+            grads=grads if grads is not None else [bucket.grad_views[i] for i in idx],
             momentum_buffers=[views["momentum_buffer"][i] for i in idx] if "momentum_buffer" in views else None,
             masters=[views["master_param"][i] for i in idx] if "master_param" in views else None,
             steps=[int(steps[i]) for i in idx],

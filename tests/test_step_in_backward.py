@@ -36,3 +36,14 @@ def test_no_gradient_outlives_its_hook():
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(RuntimeError, match="step_in_backward"):
         opt.clip_grad_norm_(1.0)
+
+
+def test_no_accumulation_buffer_is_allocated():
+    """step_in_backward saves the 4 bytes/param of the fp32 buffer: nothing holds gradients."""
+    model = OddNet(dtype=torch.bfloat16)
+    opt = fastaccum.AdamW(model.parameters(), backend="torch", step_in_backward=True)
+    assert all(b.grad is None for b in opt._buckets)
+    model(batches(1, dtype=torch.bfloat16)[0]).float().mean().backward()
+    assert opt.state[model.w1]["step"].item() == 1
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
