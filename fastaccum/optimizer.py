@@ -13,6 +13,7 @@ accumulation buffer.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from numbers import Number
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -141,6 +142,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._weighted = False  # scale_loss()/backward() was used in this window
         self._norm_cache: Optional[float] = None  # raw buffer norm, valid until new gradients arrive
         self._clip_request: Optional[float] = None  # max_norm from clip_grad_norm_ for this window
+        self._warned_low_precision_ddp = False
         super().__init__(params, defaults)
         weakref.finalize(self, _remove_hooks, self._hook_handles)
 
@@ -418,6 +420,17 @@ class AccumOptimizer(torch.optim.Optimizer):
         if world is None:
             return divisor, nonfinite
         size, backend = world
+        if not self._warned_low_precision_ddp and any(b.low_precision for b in self._buckets):
+            # DDP reads p.grad after our hook has folded and released it, so it reduces
+            # zeros for these parameters: the replicas would silently drift apart.
+            warnings.warn(
+                "fastaccum: bf16/fp16 parameters are not averaged across ranks yet (their gradient "
+                "lives in the fp32 buffer, which DDP does not see); keep fp32 parameters under DDP "
+                "and use torch.autocast for bf16 compute",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned_low_precision_ddp = True
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         t = torch.tensor([divisor if self._weighted else 0.0, float(nonfinite)], dtype=torch.float32, device=device)
         torch.distributed.all_reduce(t)
