@@ -82,6 +82,31 @@ def _mode(t: Tensor, stochastic: bool) -> int:
 
 
 @triton.jit
+def _load_grad_param(g_ptr, p_ptr, master_ptr, offs, mask, grad_scale, MAXIMIZE: tl.constexpr,
+                     HAS_MASTER: tl.constexpr):
+    """The gradient the user means (raw buffer x the one multiplier) and the fp32 weights."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0) * grad_scale
+    if MAXIMIZE:
+        g = -g
+    if HAS_MASTER:
+        p = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return g, p
+
+
+@triton.jit
+def _store_param_zero_grad(p_ptr, g_ptr, master_ptr, offs, mask, p, seed, HAS_MASTER: tl.constexpr,
+                           P_MODE: tl.constexpr):
+    """Write the master and the (rounded) parameter, and zero the gradient: the buffer is
+    ready for the next window without a pass of its own."""
+    if HAS_MASTER:
+        tl.store(master_ptr + offs, p, mask=mask)
+    _round_store(p_ptr, offs, mask, p, seed, P_MODE)
+    tl.store(g_ptr + offs, tl.zeros_like(p), mask=mask)
+
+
+@triton.jit
 def _adam_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, n,
     lr, beta1, beta2, eps, weight_decay, grad_scale, step_size, bc2_sqrt, seed,
@@ -90,13 +115,7 @@ def _adam_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0) * grad_scale
-    if MAXIMIZE:
-        g = -g
-    if HAS_MASTER:
-        p = tl.load(master_ptr + offs, mask=mask, other=0.0)
-    else:
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g, p = _load_grad_param(g_ptr, p_ptr, master_ptr, offs, mask, grad_scale, MAXIMIZE, HAS_MASTER)
     if DECOUPLED:
         p = p * (1 - lr * weight_decay)
     else:
@@ -114,10 +133,7 @@ def _adam_kernel(
     p = p - step_size * (m / denom)
     _round_store(m_ptr, offs, mask, m, seed, S_MODE)
     _round_store(v_ptr, offs, mask, v, seed + 1, S_MODE)
-    if HAS_MASTER:
-        tl.store(master_ptr + offs, p, mask=mask)
-    _round_store(p_ptr, offs, mask, p, seed + 3, P_MODE)
-    tl.store(g_ptr + offs, tl.zeros_like(g), mask=mask)
+    _store_param_zero_grad(p_ptr, g_ptr, master_ptr, offs, mask, p, seed + 3, HAS_MASTER, P_MODE)
 
 
 @triton.jit
@@ -129,13 +145,7 @@ def _sgd_kernel(
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0) * grad_scale
-    if MAXIMIZE:
-        g = -g
-    if HAS_MASTER:
-        p = tl.load(master_ptr + offs, mask=mask, other=0.0)
-    else:
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g, p = _load_grad_param(g_ptr, p_ptr, master_ptr, offs, mask, grad_scale, MAXIMIZE, HAS_MASTER)
     g = g + weight_decay * p
     if HAS_MOMENTUM:
         if FIRST:
@@ -148,10 +158,7 @@ def _sgd_kernel(
         else:
             g = b
     p = p - lr * g
-    if HAS_MASTER:
-        tl.store(master_ptr + offs, p, mask=mask)
-    _round_store(p_ptr, offs, mask, p, seed, P_MODE)
-    tl.store(g_ptr + offs, tl.zeros_like(g), mask=mask)
+    _store_param_zero_grad(p_ptr, g_ptr, master_ptr, offs, mask, p, seed, HAS_MASTER, P_MODE)
 
 
 def _grid(n: int):
