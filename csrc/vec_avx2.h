@@ -80,6 +80,7 @@ struct VecAvx2 {
     d.a = _mm256_fmadd_pd(lo, lo, d.a);
     d.b = _mm256_fmadd_pd(hi, hi, d.b);
   }
+  static inline D dadd(const D& x, const D& y) { return D{_mm256_add_pd(x.a, y.a), _mm256_add_pd(x.b, y.b)}; }
   static inline double dsum(const D& d) {
     alignas(32) double t[4];
     _mm256_store_pd(t, _mm256_add_pd(d.a, d.b));

@@ -79,6 +79,7 @@ struct VecAvx512 {
     d.a = _mm512_fmadd_pd(lo, lo, d.a);
     d.b = _mm512_fmadd_pd(hi, hi, d.b);
   }
+  static inline D dadd(const D& x, const D& y) { return D{_mm512_add_pd(x.a, y.a), _mm512_add_pd(x.b, y.b)}; }
   static inline double dsum(const D& d) {
     alignas(64) double t[8];
     _mm512_store_pd(t, _mm512_add_pd(d.a, d.b));

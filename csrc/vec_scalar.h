@@ -53,6 +53,7 @@ struct VecScalar {
     double y = x;
     d.a = __builtin_fma(y, y, d.a);
   }
+  static inline D dadd(const D& x, const D& y) { return D{x.a + y.a}; }
   static inline double dsum(const D& d) { return d.a; }
 
   // Round-to-nearest-even, NaN -> quiet NaN: the same result as c10::BFloat16(float).

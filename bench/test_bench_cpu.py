@@ -1,0 +1,413 @@
+"""CPU backend benchmarks (issue 4): pytest-benchmark, no timing asserts.
+
+Run (about 2-3 min at the full size on 2 cores; ``-s`` is not needed, the table is printed):
+
+    python -m pytest bench/test_bench_cpu.py --benchmark-only -q -p no:randomly
+    FASTACCUM_BENCH_CPU_PARAMS=10M python -m pytest bench/test_bench_cpu.py ...   # quick
+
+Layout: ``FASTACCUM_BENCH_CPU_PARAMS`` (default 100M) fp32 parameters in 24 large + 48 small
+tensors (98 % / 2 %, odd sizes so the vector tails run), ``FASTACCUM_BENCH_CPU_THREADS``
+(default 2) threads for torch and fastaccum alike.
+
+Method: the rows of one scenario are timed *interleaved* (round-robin, ``..._ROUNDS``
+rounds, default 5) in one process, so a neighbour stealing a core hurts every row alike;
+each row reports its median and best time. Untimed ``prepare`` work before each timed run
+delivers fresh gradients. pytest-benchmark records the fastaccum row; the full table
+(ms/step, GB/s, % of the streaming bound, ratios) goes to ``extra_info``, to the terminal
+and to ``bench-results/cpu_bench.json``.
+
+Bytes per parameter (the minimum each algorithm moves; GB/s = bytes * params / time):
+
+=========================  =====  ===============================================
+fastaccum step, fp32        32    read p, g, m, v; write p, m, v, g = 0 (zeroing fused)
+fastaccum step, bf16 state  24    read p, g, m(2), v(2); write p, m(2), v(2), g = 0
+torch fused/foreach step    28    read p, g, m, v; write p, m, v
+torch step + zero_grad      32    + write g = 0 (``zero_grad(set_to_none=False)``)
+fastaccum step stage        36    norm/inf read of g (4) + fused step (32)
+torch step stage            48    unscale_ (8) + clip: norm (4) + scale (8) + step (28)
+=========================  =====  ===============================================
+
+The streaming bound is ``fastaccum._C.stream``: the same threads and chunking as the
+kernels, reading 4 fp32 arrays and writing back 4 (fastaccum's pattern) or 3 (torch's),
+with no arithmetic to speak of. "% bound" = the row's GB/s / the bound's GB/s.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import pytest
+import torch
+
+from fastaccum import benchmark as harness
+from fastaccum.backends import BackendUnavailableError, get_backend
+
+try:
+    get_backend("cpu")
+except BackendUnavailableError as e:
+    pytest.skip(f"cpu backend not built: {e}", allow_module_level=True)
+
+import fastaccum  # noqa: E402
+from fastaccum import _C  # noqa: E402
+
+N_PARAMS = harness.parse_count(os.environ.get("FASTACCUM_BENCH_CPU_PARAMS", "100M"))
+THREADS = int(os.environ.get("FASTACCUM_BENCH_CPU_THREADS", "2"))
+ROUNDS = int(os.environ.get("FASTACCUM_BENCH_CPU_ROUNDS", "5"))
+ACCUM = 8
+LR, BETAS, EPS, WD, MAX_NORM = 1e-3, (0.9, 0.999), 1e-8, 1e-2, 1.0
+RESULTS: Dict[str, dict] = {}
+OUT = Path(os.environ.get("FASTACCUM_BENCH_CPU_OUT", "bench-results/cpu_bench.json"))
+
+
+def sizes(n: int) -> List[int]:
+    """24 large + 48 small tensors, odd sizes, summing to ``n``."""
+    small = max(1, (n * 2 // 100) // 48) | 1
+    large = max(1, (n - 48 * small) // 24)
+    out = [large | 1] * 23
+    out.append(max(1, n - 48 * small - sum(out)))
+    return out + [small] * 48
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(old)
+    gc.collect()
+    harness.release_free_memory()
+
+
+def make_params(dtype: torch.dtype, seed: int = 0) -> List[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, generator=gen) * 0.02).to(dtype).requires_grad_() for n in sizes(N_PARAMS)]
+
+
+def clone_params(params: List[torch.Tensor], dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+    return [p.detach().to(dtype or p.dtype).clone().requires_grad_() for p in params]
+
+
+def make_grads(params: List[torch.Tensor], seed: int, dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(p.shape, generator=gen) * 1e-3).to(dtype or p.dtype) for p in params]
+
+
+# ----------------------------------------------------------------------------------
+# interleaved timing
+
+
+@dataclass
+class Row:
+    name: str
+    run: Callable[[], None]
+    prepare: Callable[[], None] = lambda: None
+    bytes_per_param: int = 0
+    note: str = ""
+    times: List[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+
+def time_interleaved(rows: List[Row], rounds: int = ROUNDS, warmup: int = 1) -> None:
+    for r in range(warmup + rounds):
+        for row in rows:
+            row.prepare()
+            t0 = time.perf_counter()
+            row.run()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                row.times.append(dt)
+
+
+def stream_rows(nwrite_list=(4, 3)) -> List[Row]:
+    """Streaming-bound rows: 4 fp32 arrays of N_PARAMS elements, read 4, write nwrite."""
+    arrays = [torch.ones(N_PARAMS) for _ in range(4)]
+    ptrs = [a.data_ptr() for a in arrays]
+    rows = []
+    for w in nwrite_list:
+        rows.append(Row(f"stream bound (read 4, write {w})",
+                        lambda w=w: _C.stream(ptrs, w, N_PARAMS, torch.get_num_threads()),
+                        bytes_per_param=16 + 4 * w, note="fastaccum._C.stream"))
+    rows[0]._keep = arrays  # type: ignore[attr-defined]
+    return rows
+
+
+def report(key: str, title: str, rows: List[Row], reference: str, ours: str, bound: Optional[str],
+           benchmark, extra: Optional[dict] = None) -> dict:
+    ref = next(r for r in rows if r.name == reference)
+    bound_row = next((r for r in rows if r.name == bound), None) if bound else None
+    bound_gbps = bound_row.bytes_per_param * N_PARAMS / bound_row.median / 1e9 if bound_row else None
+    table = []
+    for r in rows:
+        gbps = r.bytes_per_param * N_PARAMS / r.median / 1e9 if r.bytes_per_param else None
+        table.append(dict(
+            row=r.name, ms_median=r.median * 1e3, ms_best=r.best * 1e3, bytes_per_param=r.bytes_per_param,
+            gbps=gbps, pct_of_bound=(100 * gbps / bound_gbps) if (gbps and bound_gbps) else None,
+            speedup_vs_reference=ref.median / r.median, note=r.note,
+        ))
+    result = dict(title=title, params=N_PARAMS, threads=THREADS, rounds=ROUNDS, isa=_C.isa(),
+                  reference=reference, rows=table, **(extra or {}))
+    ours_row = next(r for r in rows if r.name == ours)
+    result["ratio"] = ref.median / ours_row.median
+    if bound_row is not None:
+        result["pct_of_bound_time"] = 100 * bound_row.median / ours_row.median
+    RESULTS[key] = result
+    benchmark.extra_info.update(result)
+    _print_table(result)
+    _write()
+    return result
+
+
+def _print_table(result: dict) -> None:
+    lines = [f"\n## {result['title']}  ({harness.format_count(result['params'])} params, {result['threads']} threads, "
+             f"isa {result['isa']}, median of {result['rounds']} interleaved rounds)",
+             f"{'row':<44} {'ms':>9} {'best':>9} {'B/p':>4} {'GB/s':>7} {'%bound':>7} {'x ref':>7}"]
+    for r in result["rows"]:
+        lines.append(f"{r['row']:<44} {r['ms_median']:9.2f} {r['ms_best']:9.2f} {r['bytes_per_param']:4d} "
+                     f"{(r['gbps'] or float('nan')):7.1f} {(r['pct_of_bound'] or float('nan')):7.1f} "
+                     f"{r['speedup_vs_reference']:7.2f}")
+    lines.append(f"ratio (reference time / fastaccum time) = {result['ratio']:.2f}"
+                 + (f";  fastaccum at {result['pct_of_bound_time']:.1f} % of the streaming bound (time)"
+                    if "pct_of_bound_time" in result else ""))
+    for k in ("peak_rss_added_mb", "held_mb"):
+        if k in result:
+            lines.append(f"{k} = {result[k]:.1f}")
+    print("\n".join(lines))
+
+
+def _write() -> None:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def _bench_ours(benchmark, row: Row) -> None:
+    benchmark.pedantic(row.run, setup=row.prepare, rounds=max(2, ROUNDS // 2), iterations=1, warmup_rounds=0)
+
+
+# ----------------------------------------------------------------------------------
+# step rows
+
+
+def fastaccum_step_row(name: str, params, grads, **kw) -> Row:
+    opt = fastaccum.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, backend="cpu", **kw)
+
+    def prepare():
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if p.grad is None:
+                    p.grad = g.clone()  # folded into the buffer at the first step; a view after
+                else:
+                    p.grad.copy_(g)
+
+    row = Row(name, opt.step, prepare, note="opt.step() (fused update + grad zeroing)")
+    row._opt = opt  # type: ignore[attr-defined]
+    return row
+
+
+def torch_step_row(name: str, params, grads, zero: bool = False, **kw) -> Row:
+    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **kw)
+
+    def prepare():
+        for p, g in zip(params, grads):
+            if zero and p.grad is not None:
+                p.grad.copy_(g)
+            else:
+                p.grad = g
+
+    def run():
+        opt.step()
+        if zero:
+            opt.zero_grad(set_to_none=False)
+
+    return Row(name, run, prepare, note="opt.step()" + (" + zero_grad(set_to_none=False)" if zero else ""))
+
+
+def test_a_step_fp32(benchmark):
+    """(a) step alone, fp32: fastaccum cpu vs torch fused / foreach and the streaming bound."""
+    params = make_params(torch.float32)
+    grads = make_grads(params, 1)
+    rows = [fastaccum_step_row("fastaccum cpu", params, grads)]
+    tp = clone_params(params)
+    rows.append(torch_step_row("torch AdamW fused", tp, grads, fused=True))
+    rows[-1].bytes_per_param = 28
+    tz = clone_params(params)
+    rows.append(torch_step_row("torch AdamW fused + zero_grad", tz, [g.clone() for g in grads], zero=True,
+                               fused=True))
+    rows[-1].bytes_per_param = 32
+    tf = clone_params(params)
+    rows.append(torch_step_row("torch AdamW foreach", tf, grads, foreach=True))
+    rows[-1].bytes_per_param = 28
+    rows[0].bytes_per_param = 32
+    cls, why = harness.deepspeed_adam_class()
+    if cls is not None:
+        dp = clone_params(params)
+        ds = cls(dp, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, adamw_mode=True)
+        rows.append(Row("DeepSpeedCPUAdam", ds.step, lambda: [setattr(p, "grad", g) for p, g in zip(dp, grads)],
+                        bytes_per_param=28))
+    rows += stream_rows()
+    time_interleaved(rows)
+
+    # (e) peak RSS during the step: nothing but the tensors themselves
+    opt = rows[0]._opt  # type: ignore[attr-defined]
+    rows[0].prepare()
+    probe = harness.MemoryProbe(torch.device("cpu"))
+    probe.start()
+    opt.step()
+    added = probe.stop()
+    held = harness.held_bytes([*params, *[t for st in opt.state.values() for t in st.values()
+                                          if isinstance(t, torch.Tensor)], *[b.grad for b in opt._buckets]])
+    extra = dict(peak_rss_added_mb=added / 2**20, held_mb=held / 2**20,
+                 peak_rss_added_pct_of_held=100 * added / held,
+                 deepspeed=None if cls is not None else why,
+                 torch_triad_gbps=harness.measure_bandwidth(torch.device("cpu")).triad_gbps)
+    report("a_step_fp32", "(a) AdamW step alone, fp32 params and state", rows, "torch AdamW fused",
+           "fastaccum cpu", "stream bound (read 4, write 4)", benchmark, extra)
+    _bench_ours(benchmark, rows[0])
+
+
+def test_d_step_bf16_state(benchmark):
+    """(d) state_dtype=bf16 step vs torch fused (fp32 state)."""
+    params = make_params(torch.float32)
+    grads = make_grads(params, 1)
+    rows = [fastaccum_step_row("fastaccum cpu, bf16 moments", params, grads, state_dtype=torch.bfloat16)]
+    rows[0].bytes_per_param = 24
+    rows.append(torch_step_row("torch AdamW fused", clone_params(params), grads, fused=True))
+    rows[-1].bytes_per_param = 28
+    rows += stream_rows((4,))
+    time_interleaved(rows)
+    report("d_step_bf16_state", "(d) AdamW step, state_dtype=bf16 (fastaccum) vs fp32 state (torch)", rows,
+           "torch AdamW fused", "fastaccum cpu, bf16 moments", "stream bound (read 4, write 4)", benchmark)
+    _bench_ours(benchmark, rows[0])
+
+
+# ----------------------------------------------------------------------------------
+# step stage: dynamic loss scale + clip + zeroing
+
+
+def test_b_step_stage(benchmark):
+    """(b) the step stage with dynamic loss scaling, clipping and zeroing, fp32 params."""
+    params = make_params(torch.float32)
+    grads = make_grads(params, 1)
+    opt = fastaccum.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, backend="cpu",
+                          loss_scale="dynamic", max_grad_norm=MAX_NORM)
+
+    def fa_prepare():
+        opt.backward(harness.simulated_loss(params, grads))  # grads x loss scale, into the buffer
+
+    def fa_run():
+        opt.step()
+        opt.zero_grad()
+
+    tparams = clone_params(params)
+    topt = torch.optim.AdamW(tparams, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+
+    def t_prepare():
+        scaler.scale(harness.simulated_loss(tparams, grads)).backward()
+
+    def t_run():
+        scaler.unscale_(topt)
+        torch.nn.utils.clip_grad_norm_(tparams, MAX_NORM)
+        scaler.step(topt)
+        scaler.update()
+        topt.zero_grad()
+
+    rows = [
+        Row("fastaccum cpu (norm pass + fused step)", fa_run, fa_prepare, 36,
+            "opt.step(); opt.zero_grad()  [loss_scale='dynamic', max_grad_norm=1]"),
+        Row("torch recipe, fused AdamW", t_run, t_prepare, 48,
+            "unscale_, clip_grad_norm_, scaler.step, update, zero_grad"),
+    ]
+    rows += stream_rows((4,))
+    time_interleaved(rows)
+    report("b_step_stage", "(b) step stage: dynamic loss scale + clip + zeroing, fp32", rows,
+           "torch recipe, fused AdamW", "fastaccum cpu (norm pass + fused step)", "stream bound (read 4, write 4)",
+           benchmark)
+    _bench_ours(benchmark, rows[0])
+
+
+# ----------------------------------------------------------------------------------
+# full cycle: 8 micro-batches + step stage
+
+
+def test_c_full_cycle_bf16(benchmark):
+    """(c) 8 micro-batch accumulations + the step stage: fastaccum on bf16 params (fp32
+    buffer and master weights) vs the torch recipe on fp32 params."""
+    p32 = make_params(torch.float32)
+    params = clone_params(p32, torch.bfloat16)
+    gsets = [make_grads(params, s, torch.bfloat16) for s in (1, 2)]
+    opt = fastaccum.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, backend="cpu",
+                          accumulation_steps=ACCUM, loss_scale="dynamic", max_grad_norm=MAX_NORM)
+
+    def fa_run():
+        for k in range(ACCUM):
+            opt.backward(harness.simulated_loss(params, gsets[k % 2]))
+            opt.step()
+            opt.zero_grad()
+
+    gsets32 = [[g.float() for g in gs] for gs in gsets]
+    topt = torch.optim.AdamW(p32, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+
+    def t_run():
+        for k in range(ACCUM):
+            scaler.scale(harness.simulated_loss(p32, gsets32[k % 2]) / ACCUM).backward()
+        scaler.unscale_(topt)
+        torch.nn.utils.clip_grad_norm_(p32, MAX_NORM)
+        scaler.step(topt)
+        scaler.update()
+        topt.zero_grad()
+
+    # produce: read g_micro + write the fresh gradient; fastaccum bf16: 8 x (4 + 10) + 4 + 36
+    # (34 + the bf16 param write's read-for-ownership); torch fp32: 8 x 8 + 7 x 12 + 20 + 28
+    rows = [
+        Row("fastaccum cpu, bf16 params", fa_run, bytes_per_param=ACCUM * (4 + 10) + 4 + 36,
+            note="8 x opt.backward/step/zero_grad, loss_scale='dynamic', max_grad_norm=1"),
+        Row("torch recipe, fp32 params", t_run, bytes_per_param=ACCUM * 8 + (ACCUM - 1) * 12 + 20 + 28,
+            note="8 x scaler.scale(loss/8).backward + unscale_, clip, step, update, zero_grad"),
+    ]
+    rows += stream_rows((4,))
+    time_interleaved(rows, rounds=max(2, ROUNDS - 2))
+    report("c_cycle_bf16", f"(c) full cycle: {ACCUM} micro-batches + step stage", rows,
+           "torch recipe, fp32 params", "fastaccum cpu, bf16 params", "stream bound (read 4, write 4)", benchmark)
+    _bench_ours(benchmark, rows[0])
+
+
+# ----------------------------------------------------------------------------------
+# kernels alone
+
+
+def test_kernels_gbps(benchmark):
+    """Each kernel alone over one flat buffer, with its bytes/param and % of the bound."""
+    n = N_PARAMS
+    buf = torch.zeros(n)
+    g32 = torch.randn(n) * 1e-3
+    g16 = g32.to(torch.bfloat16)
+    cpu = get_backend("cpu")
+    rows = [
+        Row("accumulate fp32 -> fp32 buffer", lambda: cpu.accumulate_(buf, g32, 1.0), bytes_per_param=12),
+        Row("accumulate bf16 -> fp32 buffer", lambda: cpu.accumulate_(buf, g16, 1.0), bytes_per_param=10),
+        Row("accumulate bf16 + sum of squares", lambda: cpu.accumulate_(buf, g16, 1.0, return_sumsq=True),
+            bytes_per_param=10),
+        Row("grad_norm (norm + inf/nan check)", lambda: cpu.grad_norm(buf), bytes_per_param=4),
+        Row("torch: buf.add_(bf16 grad)", lambda: buf.add_(g16), bytes_per_param=10),
+        Row("torch: vector_norm", lambda: torch.linalg.vector_norm(buf), bytes_per_param=4),
+    ]
+    rows += stream_rows((4,))
+    time_interleaved(rows)
+    report("kernels", "kernels alone", rows, "torch: buf.add_(bf16 grad)", "accumulate bf16 -> fp32 buffer",
+           "stream bound (read 4, write 4)", benchmark)
+    _bench_ours(benchmark, rows[1])
