@@ -151,14 +151,20 @@ def build_model(path: str, device: Any = None) -> Any:
     import torch
 
     fn = load_factory(path)
-    try:
-        if device is None:  # counting only: build on the meta device, no memory
+    model = None
+    if device is None:
+        # counting only: build on the meta device (no memory); a factory that cannot run
+        # there (loads a checkpoint, calls .item(), ...) is built for real below
+        try:
             with torch.device("meta"):
                 model = fn()
-        else:
+        except Exception:  # noqa: BLE001 - any failure here just means "try for real"
+            model = None
+    if model is None:
+        try:
             model = fn()
-    except Exception as e:  # noqa: BLE001
-        raise PlanError(f"--model {path!r}: the factory raised {type(e).__name__}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - user code: one-line error, not a traceback
+            raise PlanError(f"--model {path!r}: the factory raised {type(e).__name__}: {e}") from None
     if not isinstance(model, torch.nn.Module):
         raise PlanError(f"--model {path!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -427,6 +433,10 @@ def _recommend(inp: PlanInput, spec: ModelSpec, chosen: ModeRow, target_batch: O
         out["notes"].append("the target batch fits in one micro-batch: no accumulation needed")
     if inp.measured is None:
         out["notes"].append("activations are an estimate; --measure --model module:factory measures them")
+    else:
+        out["notes"].append(f"activations measured with the model as the factory builds it "
+                            f"({inp.measured.get('dtype', '?')}) and used for every mode; under bf16 autocast "
+                            "they are about half of fp32")
     return out
 
 
@@ -557,8 +567,9 @@ def measure_activations(model: Any, make_input: Callable[[int], Any], device: An
         fixed = mm - per * mb  # may be < 0: it is the line's intercept, only used with b >= 1
     else:
         per, fixed = max(good[-1][1] / good[-1][0], 1.0), 0.0
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
     return {
-        "device": str(device), "per_sample_bytes": per, "fixed_bytes": fixed,
+        "device": str(device), "dtype": ",".join(dtypes), "per_sample_bytes": per, "fixed_bytes": fixed,
         "largest_batch_measured": good[-1][0], "budget_bytes": budget_bytes, "static_bytes": static_bytes,
         "method": "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM) above the state before each run",
         "runs": runs,
