@@ -19,6 +19,12 @@
 //   adam bf16 param + fp32 master: grad 8, master 8, moments 16, param 2 (+2 RFO) = 34..36
 //   sgd  fp32 + momentum: grad 8, param 8, momentum 8                           = 24
 
+// Noise of element `idx` of stream `key` (32 bits; stochastic rounding uses 16 of them).
+template <class V>
+static inline typename V::I noise(uint64_t key, uint64_t idx) {
+  return V::rand(uint32_t(idx), uint32_t(key), fold_hi(uint32_t(key >> 32), idx));
+}
+
 template <class V, int DT>
 static inline typename V::F ldx(const void* p) {
   if constexpr (DT == kF32) {
@@ -38,8 +44,7 @@ static inline void stx(void* p, typename V::F x, bool sr, uint64_t key, uint64_t
     V::st32(static_cast<float*>(p), x);
   } else if constexpr (DT == kBF16) {
     if (sr) {
-      V::stbf_sr(static_cast<uint16_t*>(p), x,
-                 V::rand(uint32_t(idx), uint32_t(key), fold_hi(uint32_t(key >> 32), idx)));
+      V::stbf_sr(static_cast<uint16_t*>(p), x, noise<V>(key, idx));
     } else {
       V::stbf_rne(static_cast<uint16_t*>(p), x);
     }
@@ -186,8 +191,21 @@ static inline void adam_block(const AdamJob& J, const AdamSeg& S, void* p, float
   // denom = sqrt(v) / sqrt(bc2) + eps;  param.addcdiv_(exp_avg, denom, value=-step_size)
   const F denom = V::add(V::div(V::sqrt(vuse), V::set1(S.bc2_sqrt)), V::set1(J.eps));
   param = V::add(param, V::div(V::mul(V::set1(S.neg_step_size), ea), denom));
-  stx<V, ST>(m, ea, J.sr_state, S.key_m, idx);
-  stx<V, ST>(v, eas, J.sr_state, S.key_v, idx);
+  if constexpr (ST == kBF16) {
+    if (J.sr_state) {
+      // One hash gives both moments their 16 bits of noise (high half: exp_avg, low half:
+      // exp_avg_sq): the hash is most of the cost of stochastic rounding.
+      const typename V::I r = noise<V>(S.key_m, idx);
+      V::stbf_sr(static_cast<uint16_t*>(m), ea, r);
+      V::stbf_sr(static_cast<uint16_t*>(v), eas, V::shl16(r));
+    } else {
+      V::stbf_rne(static_cast<uint16_t*>(m), ea);
+      V::stbf_rne(static_cast<uint16_t*>(v), eas);
+    }
+  } else {
+    stx<V, ST>(m, ea, false, 0, idx);
+    stx<V, ST>(v, eas, false, 0, idx);
+  }
   if constexpr (MASTER) {
     V::st32(ms, param);
     stx<V, PT>(p, param, false, 0, idx);  // master weights: the param is the nearest value

@@ -73,6 +73,7 @@ struct VecAvx2 {
     return lowbias(_mm256_add_epi32(x, _mm256_set1_epi32(int(k1))));
   }
 
+  static inline I shl16(I x) { return _mm256_slli_epi32(x, 16); }
   static inline D dzero() { return D{_mm256_setzero_pd(), _mm256_setzero_pd()}; }
   static inline void dacc(D& d, F x) {
     __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));

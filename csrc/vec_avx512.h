@@ -72,6 +72,7 @@ struct VecAvx512 {
     return lowbias(_mm512_add_epi32(x, _mm512_set1_epi32(int(k1))));
   }
 
+  static inline I shl16(I x) { return _mm512_slli_epi32(x, 16); }
   static inline D dzero() { return D{_mm512_setzero_pd(), _mm512_setzero_pd()}; }
   static inline void dacc(D& d, F x) {
     __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));

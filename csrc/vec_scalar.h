@@ -48,6 +48,7 @@ struct VecScalar {
 
   static inline I rand(uint32_t idx_lo, uint32_t k0, uint32_t k1) { return hash2(idx_lo, k0, k1); }
 
+  static inline I shl16(I x) { return x << 16; }
   static inline D dzero() { return D{0.0}; }
   static inline void dacc(D& d, F x) {
     double y = x;

@@ -596,3 +596,24 @@ def test_backend_traces_under_torch_compile():
     ref = f(ref_dst, src)
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(dst, src)
     assert torch.equal(dst, ref_dst) and torch.equal(got, ref)
+
+
+def test_moment_noise_is_uncorrelated():
+    """exp_avg and exp_avg_sq take their rounding noise from the two halves of one hash:
+    their round-up decisions must be independent. beta1 = beta2 = 0 makes exp_avg = g and
+    exp_avg_sq = g*g exactly, so the fp32 values before rounding are known."""
+    n = 1 << 20
+    ulp = 2.0**-7
+    x = 1.0 + 0.3 * ulp
+    st = _adam_state([n], torch.float32, torch.bfloat16, False, False)
+    st["grads"][0].fill_(x)
+    hp = dict(ADAM_KINDS["adamw"], lr=0.0, beta1=0.0, beta2=0.0)
+    CPU.adam_(_segs(st, 1), AdamHyper(seed=5, grad_scale=1.0, stochastic_rounding=True, **hp))
+    x32 = torch.tensor(x)  # the fp32 values the kernel rounds: g and g*g, both in (1, 1 + ulp)
+    frac_m, frac_v = ((x32 - 1) / ulp).item(), ((x32 * x32 - 1) / ulp).item()
+    up_m = (st["exp_avgs"][0].float() > 1.0).double()
+    up_v = (st["exp_avg_sqs"][0].float() > 1.0).double()
+    for up, frac in ((up_m, frac_m), (up_v, frac_v)):
+        assert abs(up.mean().item() - frac) < 6 * math.sqrt(frac * (1 - frac) / n)
+    corr = torch.corrcoef(torch.stack([up_m, up_v]))[0, 1].item()
+    assert abs(corr) < 6 / math.sqrt(n)  # 6 sigma of the sample correlation of independent draws
