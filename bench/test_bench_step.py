@@ -36,8 +36,8 @@ def test_step_fp32(benchmark, impl, n, stream_bandwidth, bench_threads):
         benchmark.extra_info.update(
             impl=impl, params=n, n_tensors=len(harness.param_shapes(n)), dtype="fp32", threads=bench_threads,
             bytes_per_param=runner.bytes_per_param, bytes_note=runner.bytes_note,
-            gbps=round(gbps, 3), stream_triad_gbps=round(stream_bandwidth.triad_gbps, 3),
-            pct_bandwidth=round(100 * gbps / stream_bandwidth.triad_gbps, 1),
+            gbps=round(gbps, 3), stream_update_gbps=round(stream_bandwidth.update_gbps, 3),
+            pct_bandwidth=round(100 * gbps / stream_bandwidth.reference_gbps, 1),
             params_per_s=round(n / median),
         )
     finally:

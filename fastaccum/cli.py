@@ -254,7 +254,8 @@ def _fmt_count(n: int) -> str:
 def print_bench(result: Dict[str, Any]) -> None:
     bw, m, v = result["bandwidth"], result["machine"], result["versions"]
     head = (f"fastaccum {v['fastaccum']} | torch {v['torch']} | {m['device_name']} | {m['torch_threads']} threads | "
-            f"stream copy {bw['copy_gbps']:.1f} GB/s, triad {bw['triad_gbps']:.1f} GB/s (= 100% BW)")
+            f"stream update {bw['update_gbps']:.1f} GB/s (= 100% BW; copy {bw['copy_gbps']:.1f}, "
+            f"triad {bw['triad_gbps']:.1f})")
     foot = ("vs fused/foreach = time of torch AdamW fused/foreach / time of the row (>1: faster). GB/s = bytes/param "
             "(the row's own minimum traffic, see --json bytes_note) x params / median time.")
     rows = bench_table_rows(result)

@@ -52,7 +52,8 @@ def test_bench_quick_writes_valid_json_with_every_row(quick_bench):
     assert res["versions"]["torch"] and res["versions"]["fastaccum"]
     assert res["machine"]["torch_threads"] == 1
     bw = res["bandwidth"]
-    assert bw["triad_gbps"] > 0 and bw["copy_gbps"] > 0 and bw["reference_gbps"] == bw["triad_gbps"]
+    assert bw["triad_gbps"] > 0 and bw["copy_gbps"] > 0 and bw["reference_gbps"] == bw["update_gbps"] > 0
+    assert bw["update_gbps"] == pytest.approx(max(bw["samples_update_gbps"]), abs=1e-3)  # best sample, one per group + the first
 
     rows = {(r["impl"], r["mode"], r["dtype"], r["params"]): r for r in res["rows"]}
     expected = {(i, m, d, n) for i in expected_impls() for m in ("step", "cycle") for d in ("fp32", "bf16")
