@@ -78,6 +78,8 @@ class Bucket:
     def owns_grad(self, i: int, grad: Optional[Tensor]) -> bool:
         """Whether ``grad`` is this bucket's view for parameter ``i`` (autograd accumulated in place)."""
         view = self.grad_views[i]
+        if grad is view:  # the common case: autograd accumulated into the very tensor we attached
+            return True
         return (
             grad is not None
             and grad.layout == torch.strided
