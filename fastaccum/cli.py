@@ -346,9 +346,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.measure and not args.model:
         raise CliError("--measure runs a real model: give --model module:factory")
-    for name in ("input",):
-        if getattr(args, name) and not args.measure:
-            raise CliError(f"--{name} is only used with --measure")
+    if args.input and not args.measure:
+        raise CliError("--input is only used with --measure; add --measure or drop --input")
     device = _device(args.device) if (args.measure or not args.memory) else None
     if args.model:
         model = P.build_model(args.model)
@@ -402,7 +401,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 raise
             raise CliError(f"--measure: running the model failed: {type(e).__name__}: {e}") from None
         del real
-        torch.cuda.empty_cache() if device is not None and device.type == "cuda" else None
+        if device is not None and device.type == "cuda":
+            torch.cuda.empty_cache()
     result = P.plan(P.PlanInput(
         spec=spec, memory_bytes=memory, memory_source=source, target_batch=args.batch, target_tokens=args.tokens,
         devices=args.devices, headroom=args.headroom, attention=args.attention, beta2=args.beta2,
