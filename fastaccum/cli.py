@@ -435,12 +435,12 @@ def print_plan(res: Dict[str, Any]) -> None:
         lines.append(f"target: {tgt['batch_sequences']} sequences per optimizer step"
                      + (f" ({tgt['tokens']:,} tokens)" if tgt["tokens"] else "")
                      + f" on {tgt['devices']} device(s) = {tgt['per_device_sequences']} per device")
-    headers = ["mode", "params", "grads/buffer", "master", "opt state", "transient", "static", "max micro",
-               "micro x accum", "eff. batch", "note"]
+    headers = ["mode", "params", "grads", "master", "state", "bf16 grad", "static", "max micro",
+               "micro x accum", "batch", "note"]
     rows = []
     for r in res["modes"]:
         split = f"{r['micro_batch']} x {r['accumulation_steps']}" if r["fits"] else "-"
-        rows.append([r["label"], fmt_bytes(r["params_bytes"]), fmt_bytes(r["grads_bytes"]),
+        rows.append([r["short"], fmt_bytes(r["params_bytes"]), fmt_bytes(r["grads_bytes"]),
                      fmt_bytes(r["master_bytes"]) if r["master_bytes"] else "-", fmt_bytes(r["state_bytes"]),
                      fmt_bytes(r["transient_bytes"]) if r["transient_bytes"] else "-", fmt_bytes(r["static_bytes"]), str(r["max_micro_batch"]), split,
                      str(r["effective_batch"] or "-"), r["note"] or ""])
@@ -460,12 +460,14 @@ def print_plan(res: Dict[str, Any]) -> None:
 
         for line in lines:
             console.print(line, highlight=False, markup=False)
-        table = Table(show_lines=False, caption="transient: the largest bf16 gradient, alive until the hook folds "
-                      "it into the fp32 buffer; static = params + grads + master + state + transient",
+        table = Table(show_lines=False, caption="SR: stochastic rounding (master_weights=False). "
+                      "grads: torch's .grad or fastaccum's fp32 buffer; bf16 grad: the "
+                      "largest bf16 gradient, alive until the hook folds it into the buffer; static = params + grads "
+                      "+ master + state + bf16 grad; does not fit: static + one sequence > usable memory",
                       caption_justify="left")
         for h in headers:
             table.add_column(h, justify="left" if h in ("mode", "note") else "right", overflow="fold",
-                             no_wrap=h != "note")
+                             no_wrap=h == "mode")
         for r, raw in zip(rows, res["modes"]):
             table.add_row(*r, style="bold" if raw["mode"] == res["chosen_mode"] else None)
         console.print(table)

@@ -93,7 +93,8 @@ def fmt_bytes(n: Optional[float]) -> str:
         return "-"
     for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if abs(n) >= div:
-            return f"{n / div:.2f} {unit}"
+            v = n / div
+            return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
     return f"{n:.0f} B"
 
 
@@ -229,6 +230,7 @@ class Mode:
     transient_bytes_per_elem: int = 0  # low-precision grad alive until the hook folds it
     can_accumulate: bool = True
     kwargs: str = ""
+    short: str = ""  # table label
 
     @property
     def static_per_param(self) -> int:
@@ -236,15 +238,18 @@ class Mode:
 
 
 MODES: Tuple[Mode, ...] = (
-    Mode("torch-fp32", "torch AdamW, fp32 params", 4, 4, 0, 8, 32, kwargs="torch.optim.AdamW"),
-    Mode("torch-bf16", "torch AdamW, bf16 params+state", 2, 2, 0, 4, 16, kwargs="torch.optim.AdamW (bf16 model)"),
-    Mode("fastaccum-fp32", "fastaccum, fp32 params", 4, 4, 0, 8, 32, kwargs="fastaccum.AdamW"),
+    Mode("torch-fp32", "torch AdamW, fp32 params", 4, 4, 0, 8, 32, kwargs="torch.optim.AdamW",
+         short="torch fp32"),
+    Mode("torch-bf16", "torch AdamW, bf16 params+state", 2, 2, 0, 4, 16, kwargs="torch.optim.AdamW (bf16 model)",
+         short="torch bf16"),
+    Mode("fastaccum-fp32", "fastaccum, fp32 params", 4, 4, 0, 8, 32, kwargs="fastaccum.AdamW",
+         short="fastaccum fp32"),
     Mode("fastaccum-bf16-master", "fastaccum, bf16 + fp32 master", 2, 4, 4, 8, 16, 2,
-         kwargs="fastaccum.AdamW (bf16 model)"),
+         kwargs="fastaccum.AdamW (bf16 model)", short="fastaccum bf16+master"),
     Mode("fastaccum-bf16-sr", "fastaccum, bf16 + stochastic rounding", 2, 4, 0, 8, 16, 2,
-         kwargs="fastaccum.AdamW(..., master_weights=False)"),
+         kwargs="fastaccum.AdamW(..., master_weights=False)", short="fastaccum bf16+SR"),
     Mode("fastaccum-step-in-backward", "fastaccum, step-in-backward (fp32)", 4, 4, 0, 8, 32, 0, False,
-         kwargs="fastaccum.AdamW(..., step_in_backward=True)"),
+         kwargs="fastaccum.AdamW(..., step_in_backward=True)", short="fastaccum step-in-bwd"),
 )
 MODE_KEYS = [m.key for m in MODES]
 
@@ -253,6 +258,7 @@ MODE_KEYS = [m.key for m in MODES]
 class ModeRow:
     mode: str
     label: str
+    short: str
     params_bytes: int
     grads_bytes: int
     master_bytes: int
@@ -364,20 +370,20 @@ def plan(inp: PlanInput) -> Dict[str, Any]:
         if max_micro >= 1 and static + fixed + per_seq * 1 > usable:  # a negative fitted intercept
             max_micro = 0
         row = ModeRow(
-            mode=m.key, label=m.label, params_bytes=n * m.param_bytes, grads_bytes=n * m.grad_bytes,
+            mode=m.key, label=m.label, short=m.short, params_bytes=n * m.param_bytes, grads_bytes=n * m.grad_bytes,
             master_bytes=n * m.master_bytes, state_bytes=n * m.state_bytes, transient_bytes=transient,
             static_bytes=static, activation_bytes_per_seq=per_seq, activation_fixed_bytes=fixed,
             max_micro_batch=max_micro, fits=max_micro >= 1,
         )
         if not row.fits:
-            row.note = "does not fit: static + 1 sequence > budget"
+            row.note = "does not fit"
         elif per_device_target:
             micro, accum = split_batch(per_device_target, max_micro, m.can_accumulate)
             row.micro_batch, row.accumulation_steps = micro, accum
             row.effective_batch = micro * accum * inp.devices
             row.reaches_target = row.effective_batch >= target_batch
             if not m.can_accumulate and not row.reaches_target:
-                row.note = f"cannot accumulate (max batch {row.effective_batch})"
+                row.note = "no accumulation"
         else:
             row.micro_batch, row.accumulation_steps = max_micro, 1
             row.effective_batch = max_micro * inp.devices
