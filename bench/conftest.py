@@ -27,5 +27,7 @@ def bench_threads() -> int:
 
 @pytest.fixture(scope="session")
 def stream_bandwidth(bench_threads) -> harness.Bandwidth:
-    """The machine's streaming bandwidth, measured once per session with the same threads."""
-    return harness.measure_bandwidth(torch.device("cpu"))
+    """The machine's streaming bandwidth with the same threads: best of three samples, since
+    one sample on a shared machine can land in a busy moment (STREAM keeps the best too)."""
+    samples = [harness.measure_bandwidth(torch.device("cpu")) for _ in range(3)]
+    return max(samples, key=lambda b: b.reference_gbps)

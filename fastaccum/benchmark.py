@@ -33,6 +33,21 @@ of the streaming bandwidth measured in the same run. A row near 100 % is at its 
 bound; which implementation is faster is the ``ratio`` column (time of torch fused AdamW /
 time of the row). :func:`bytes_per_param` has the table with its derivation.
 
+JSON (``fastaccum bench --json``, schema ``fastaccum.bench/1``)
+-------------------------------------------------------------
+Top level: ``schema``, ``created_utc``, ``elapsed_s``, ``command``, ``config`` (sizes, accum,
+dtypes, modes, device, threads, repeats, warmup, hyper-parameters, ``schedules`` per group:
+interleaved or sequential), ``machine`` (platform, cpu_model, cpu_count, torch_threads,
+memory_total_bytes, device, device_name), ``versions`` (python, fastaccum, torch, numpy,
+triton, deepspeed, cuda), ``bandwidth`` (copy/triad/update GB/s, reference_gbps, samples,
+array_bytes, threads, method), ``definitions`` (what each row figure means) and ``rows``: one
+per (impl, mode, dtype, params), always present, with ``status`` ok | skipped | error and
+``reason``; ``bytes_per_param``, ``bytes_note``, ``times_ms``, ``median_ms``, ``min_ms``,
+``max_ms``, ``params_per_s``, ``gbps``, ``pct_bandwidth``, ``speedup_vs_torch_fused``,
+``speedup_vs_torch_foreach``, ``peak_mem_bytes``, ``held_bytes``, ``skipped_steps``,
+``n_tensors``, ``accum``, ``family``. Fields are only ever added, never renamed, within a
+schema version.
+
 Parameter layout
 ----------------
 :func:`param_shapes` lays ``n`` parameters out like GPT blocks (qkv, proj, two MLP matrices,
@@ -636,7 +651,8 @@ def run_group(impls: Sequence[Tuple[str, Optional[str]]], n: int, dtype: str, mo
             for k in range(max(2, warmup)):
                 r.prepare()
                 r.run(probe=(k == 1))
-        except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+        except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as e:
+            # a third-party optimizer that refuses this dtype/device is a row error, not a crash
             row.status, row.reason = "error", f"{type(e).__name__}: {e}"
             return None
         row.peak_mem_bytes = probe.stop()
