@@ -23,7 +23,7 @@ constexpr int kAbiVersion = 1;
 
 struct AdamSeg {
   void* param;           // AdamJob::param_dtype
-  float* grad;           // raw accumulated gradient; zeroed by the kernel
+  float* grad;           // raw accumulated gradient; only read
   void* exp_avg;         // AdamJob::state_dtype
   void* exp_avg_sq;      // AdamJob::state_dtype
   void* max_exp_avg_sq;  // AdamJob::state_dtype; only when AdamJob::amsgrad

@@ -14,10 +14,13 @@
 // with the machine's streaming bandwidth:
 //   accumulate      fp32 src: 4 + 8            bf16/fp16 src: 2 + 8
 //   sumsq (norm)    4
-//   adam fp32       grad 4+4 (zeroed), param 4+4, exp_avg 4+4, exp_avg_sq 4+4   = 32
-//   adam bf16 state as above with 2-byte moments                               = 24
-//   adam bf16 param + fp32 master: grad 8, master 8, moments 16, param 2 (+2 RFO) = 34..36
-//   sgd  fp32 + momentum: grad 8, param 8, momentum 8                           = 24
+//   adam fp32       grad 4 (read only), param 4+4, exp_avg 4+4, exp_avg_sq 4+4   = 28
+//   adam bf16 state as above with 2-byte moments                               = 20
+//   adam bf16 param + fp32 master: grad 4, master 8, moments 16, param 2 (+2 RFO) = 30..32
+//   sgd  fp32 + momentum: grad 4, param 8, momentum 8                           = 20
+// The gradient is never zeroed here: the optimizer marks consumed segments stale and the
+// next window's first gradient overwrites them (a copy instead of an add), so no pass and
+// no byte is spent on zeroing.
 
 // Noise of element `idx` of stream `key` (32 bits; stochastic rounding uses 16 of them).
 template <class V>
@@ -154,7 +157,6 @@ static inline void adam_block(const AdamJob& J, const AdamSeg& S, void* p, float
                               void* v, void* vm, float* ms, uint64_t idx) {
   using F = typename V::F;
   F grad = V::mul(V::ld32(g), V::set1(J.grad_scale));
-  V::st32(g, V::zero());  // the buffer is ready for the next accumulation window
   F param;
   if constexpr (MASTER) {
     param = V::ld32(ms);
@@ -277,7 +279,6 @@ static inline void sgd_block(const SgdJob& J, const SgdSeg& S, void* p, float* g
                              uint64_t idx) {
   using F = typename V::F;
   F grad = V::mul(V::ld32(g), V::set1(J.grad_scale));
-  V::st32(g, V::zero());
   F param;
   if constexpr (MASTER) {
     param = V::ld32(ms);

@@ -180,7 +180,7 @@ def _(buf: Tensor) -> Tensor:
 
 @torch.library.custom_op(
     "fastaccum::adam_",
-    mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters"),
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters"),  # grads are only read
     device_types="cpu",
 )
 def adam_(
@@ -250,7 +250,7 @@ def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr,
 
 
 @torch.library.custom_op(
-    "fastaccum::sgd_", mutates_args=("params", "grads", "momentum_buffers", "masters"), device_types="cpu"
+    "fastaccum::sgd_", mutates_args=("params", "momentum_buffers", "masters"), device_types="cpu"
 )
 def sgd_(
     params: List[Tensor],

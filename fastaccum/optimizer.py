@@ -201,13 +201,13 @@ class AccumOptimizer(torch.optim.Optimizer):
             if bucket.low_precision:
                 p.main_grad = bucket.grad_views[i]
             if existing is not None:  # gradients computed before the optimizer existed are kept
-                bucket.grad_views[i].copy_(existing)
-                bucket.live[i] = True
-                bucket.dirty = True
+                bucket.assign(i, existing)
                 p.grad = None if bucket.low_precision else bucket.grad_views[i]
             # Otherwise an fp32 p.grad stays None until the parameter's first gradient, which
             # the hook moves into the view: a parameter that never gets a gradient keeps
             # p.grad None, as with torch.optim (code that tests `p.grad is None` still works).
+            # Invariant: an fp32 p.grad is our view only while its segment is fresh, so
+            # autograd never adds into a stale segment.
 
     # --------------------------------------------------------------- gradients
     def _check_grad(self, bucket: Bucket, p: Tensor, g: Tensor) -> None:
@@ -238,15 +238,15 @@ class AccumOptimizer(torch.optim.Optimizer):
             p.grad = None
             return
         if bucket.low_precision:
-            bucket.backend.accumulate_(bucket.grad_views[i], g, 1.0)
+            bucket.receive(i, g)  # add into a fresh segment, overwrite a stale one
             p.grad = None  # the bf16/fp16 gradient never outlives this hook
         elif not bucket.owns_grad(i, g):
-            # p.grad was None or replaced (e.g. model.zero_grad() set it to None): what
-            # autograd produced is the whole gradient, so it replaces the segment.
-            bucket.grad_views[i].copy_(g)
+            # p.grad was None (the first micro-batch of a window, or model.zero_grad()) or
+            # replaced: autograd handed over the whole gradient, so it replaces the segment
+            # (a copy, where accumulating into a zeroed buffer would be an add).
+            bucket.assign(i, g)
             p.grad = bucket.grad_views[i]
         bucket.live[i] = True
-        bucket.dirty = True
         self._norm_cache = None
 
     def _fold_grads(self) -> None:
@@ -265,18 +265,14 @@ class AccumOptimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             for i, p in enumerate(bucket.params):
                 g = p.grad
-                view = bucket.grad_views[i]
                 if g is None:
                     if not bucket.low_precision:
-                        # cleared by the user (e.g. model.zero_grad()): no gradient, skipped
-                        if bucket.live[i] or bucket.dirty:
-                            view.zero_()
+                        # no gradient this window (or cleared by model.zero_grad()): skipped
+                        bucket.consume(i)
                         bucket.live[i] = False
                 elif not bucket.owns_grad(i, g):
-                    view.copy_(g)
-                    p.grad = None if bucket.low_precision else view
-                    bucket.live[i] = True
-                    bucket.dirty = True
+                    bucket.assign(i, g)
+                    p.grad = None if bucket.low_precision else bucket.grad_views[i]
                     self._norm_cache = None
 
     # ------------------------------------------------------------ user API
@@ -353,23 +349,26 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the accumulation buffers; the fp32 ``p.grad`` views stay attached.
+        """Clear the gradients, as ``torch.optim.Optimizer.zero_grad`` does.
 
+        ``set_to_none=True`` (the default) costs no memory pass: the buffer is kept (no
+        re-allocation) and its segments become stale, to be overwritten by the next
+        gradients. ``set_to_none=False`` gives every parameter that has a gradient a zero
+        one, which the next step applies (weight decay, momentum) as torch does.
         In managed mode (``accumulation_steps > 1``) this is a no-op while a window is in
-        progress, so ``zero_grad()`` may be called after every micro-batch. The update pass
-        already zeroes the buffers, so after a step this costs nothing.
+        progress, so ``zero_grad()`` may be called after every micro-batch.
         """
         if self._micro_step != 0 or self.step_in_backward:
             return
         for bucket in self._buckets:
-            bucket.zero_grad_buffer()
             for i, p in enumerate(bucket.params):
-                if bucket.low_precision:
-                    p.grad = None
-                elif p.grad is not None and not bucket.owns_grad(i, p.grad):
-                    p.grad = bucket.grad_views[i]
                 if set_to_none:
+                    bucket.consume(i)
                     bucket.live[i] = False
+                    p.grad = None
+                elif bucket.live[i] or p.grad is not None:
+                    bucket.zero_segment(i)
+                    p.grad = None if bucket.low_precision else bucket.grad_views[i]
         self._end_window()
 
     @torch.no_grad()
@@ -440,6 +439,8 @@ class AccumOptimizer(torch.optim.Optimizer):
     def _raw_norm(self) -> float:
         """L2 norm of all raw buffers (one read pass); non-finite when any element is."""
         if self._norm_cache is None:
+            for b in self._buckets:  # stale segments count as zeros
+                b.clean()
             norms = [b.backend.grad_norm(b.grad) for b in self._buckets]
             if not norms:
                 self._norm_cache = 0.0
@@ -478,20 +479,26 @@ class AccumOptimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             live = [i for i, is_live in enumerate(bucket.live) if is_live]
             if live:
+                # a live parameter without a fresh segment has a zero gradient
+                bucket.clean([i for i in live if not bucket.fresh[i]])
                 self._update_bucket(bucket, live, multiplier)
-            if bucket.dirty and len(live) < len(bucket.params):
-                for i, is_live in enumerate(bucket.live):
-                    if not is_live:
-                        bucket.grad_views[i].zero_()
-            bucket.dirty = False
+            self._consume(bucket)
         if self._scaler is not None:
             self._scaler.update(found_inf=False)
         self._end_window()
 
+    def _consume(self, bucket: Bucket) -> None:
+        """The window's gradients are used: segments go stale, fp32 views are detached so
+        that the next backward hands autograd's gradient over instead of adding to them."""
+        for i, p in enumerate(bucket.params):
+            bucket.consume(i)
+            if p.grad is not None and bucket.owns_grad(i, p.grad):
+                p.grad = None
+
     def _skip(self) -> None:
         """inf/nan in the gradients: no parameter or state changes, the window is dropped."""
         for bucket in self._buckets:
-            bucket.zero_grad_buffer()
+            self._consume(bucket)
         self.skipped_steps += 1
         if self._scaler is not None:
             self._scaler.update(found_inf=True)
@@ -549,11 +556,11 @@ class AccumOptimizer(torch.optim.Optimizer):
         sd["fastaccum"] = {
             "version": _STATE_FORMAT_VERSION,
             "layout": [[b.group_index, str(b.dtype), list(b.numels)] for b in self._buckets],
-            # only mid-window buffers hold anything; a checkpoint taken after a step (the
-            # usual case) does not carry 4 bytes/param of zeros
-            "grad_buffers": [b.grad if b.dirty else None for b in self._buckets],
+            # only mid-window buffers hold gradients; a checkpoint taken after a step (the
+            # usual case) does not carry 4 bytes/param of stale values
+            "grad_buffers": [b.grad if any(b.fresh) else None for b in self._buckets],
             "live": [list(b.live) for b in self._buckets],
-            "dirty": [b.dirty for b in self._buckets],
+            "fresh": [list(b.fresh) for b in self._buckets],
             "micro_step": self._micro_step,
             "weight_sum": self._weight_sum,
             "weighted": self._weighted,
@@ -620,19 +627,20 @@ class AccumOptimizer(torch.optim.Optimizer):
                     view.zero_()
                 state[name] = view
         if extra is not None:
-            for b, buf, live, dirty in zip(self._buckets, extra["grad_buffers"], extra["live"], extra["dirty"]):
-                if b.grad is None:
-                    pass
-                elif buf is None:
-                    b.grad.zero_()
-                else:
-                    b.grad.copy_(buf)
+            for b, buf, live, fresh in zip(self._buckets, extra["grad_buffers"], extra["live"], extra["fresh"]):
                 b.live = list(live)
-                b.dirty = bool(dirty)
-                if not b.low_precision:  # the restored partial gradients are what p.grad shows
-                    for p, view, is_live in zip(b.params, b.grad_views, b.live):
-                        if is_live:
-                            p.grad = view
+                if b.grad is None:  # step_in_backward: no buffer
+                    continue
+                if buf is not None:
+                    b.grad.copy_(buf)
+                b.fresh = list(fresh)
+                b.garbage = [not f for f in b.fresh]  # whatever the buffer held before is stale
+                for i, p in enumerate(b.params):
+                    # the restored partial gradients are what p.grad shows; nothing else is attached
+                    if b.fresh[i] and not b.low_precision:
+                        p.grad = b.grad_views[i]
+                    elif p.grad is not None and b.owns_grad(i, p.grad):
+                        p.grad = None
             self._micro_step = int(extra["micro_step"])
             self._weight_sum = float(extra["weight_sum"])
             self._weighted = bool(extra["weighted"])

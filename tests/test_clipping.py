@@ -58,3 +58,27 @@ def test_norm_pass_is_accurate_on_large_buffers():
     exact = buf.double().norm().item()
     got = fastaccum.get_backend("torch").grad_norm(buf).item()
     assert abs(got - exact) / exact < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_stale_segments_never_leak_into_norm_or_update(backend):
+    """Segments are not zeroed after a step but marked stale; a parameter that sits out a
+    window must count as zero in the clip norm and be skipped, as in torch."""
+    torch.manual_seed(0)
+    model = OddNet()
+    ref = copy.deepcopy(model)
+    opt = fastaccum.AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.05, loss_scale="dynamic", backend=backend)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for t, x in enumerate(batches(9)):
+        # every third window only `big` gets a gradient; the others keep stale segments
+        loss_of = (lambda m: m.big.pow(2).sum()) if t % 3 == 2 else (lambda m: m(x).mean())
+        opt.backward(loss_of(model))
+        opt.step()
+        opt.zero_grad()
+        loss_of(ref).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    tol = dict(rtol=1e-6, atol=1e-7) if backend == "torch" else dict(rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, **tol)

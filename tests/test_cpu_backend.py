@@ -192,9 +192,11 @@ def _run_adam(backend, st, hp_kw, sizes, steps=STEPS, grad_dtype=torch.float32):
             for g, gm in zip(st["grads"], micro):
                 backend.accumulate_(g, gm.to(grad_dtype), 1.0)
         hp = AdamHyper(seed=1000 + step, **hp_kw)
+        before = [g.clone() for g in st["grads"]]
         backend.adam_(_segs(st, step), hp)
-        for g in st["grads"]:
-            assert not g.any(), "the gradient segment is zeroed by the update"
+        for g, b in zip(st["grads"], before):
+            assert torch.equal(g, b), "the update only reads the gradient"
+            g.zero_()  # what the optimizer's overwrite-when-stale amounts to
     return st
 
 
@@ -367,9 +369,11 @@ def _run_sgd(backend, st, hp_kw, sizes, steps=STEPS):
         for micro in _micro_grads(sizes, step):
             for g, gm in zip(st["grads"], micro):
                 backend.accumulate_(g, gm, 1.0)
+        before = [g.clone() for g in st["grads"]]
         backend.sgd_(SGDSegments(steps=[step] * len(sizes), **st), SGDHyper(seed=step, **hp_kw))
-        for g in st["grads"]:
-            assert not g.any()
+        for g, b in zip(st["grads"], before):
+            assert torch.equal(g, b), "the update only reads the gradient"
+            g.zero_()
     return st
 
 

@@ -61,7 +61,6 @@ class TorchBackend(Backend):
                     reference.write_back_(store, val, hp.stochastic_rounding)
             if p32 is not param:
                 reference.write_back_(param, p32, hp.stochastic_rounding and master is None)
-            segs.grads[i].zero_()
 
     def sgd_(self, segs: SGDSegments, hp: SGDHyper) -> None:
         for i, param in enumerate(segs.params):
@@ -76,4 +75,3 @@ class TorchBackend(Backend):
             )
             if p32 is not param:
                 reference.write_back_(param, p32, hp.stochastic_rounding and master is None)
-            segs.grads[i].zero_()

@@ -3,8 +3,9 @@
 Each kernel is one pass over memory. The update kernel reads the raw fp32 gradient, the
 moments and the fp32 master (or the parameter), applies the one gradient multiplier
 (unscale x normalise x clip), the math of :mod:`fastaccum.reference` in fp32, writes the
-moments, the master and the rounded parameter, and zeroes the gradient: Apex's fused Adam
-plus the zeroing and the unscale that it leaves to separate passes.
+moments, the master and the rounded parameter: Apex's fused Adam plus the unscale and
+normalisation it leaves to separate passes. The gradient is only read (the optimizer
+marks it stale instead of zeroing it).
 
 One launch per parameter segment; the segments of a bucket are contiguous in the flat
 buffers, so the launches stream through memory in order.
@@ -96,14 +97,12 @@ def _load_grad_param(g_ptr, p_ptr, master_ptr, offs, mask, grad_scale, MAXIMIZE:
 
 
 @triton.jit
-def _store_param_zero_grad(p_ptr, g_ptr, master_ptr, offs, mask, p, seed, HAS_MASTER: tl.constexpr,
-                           P_MODE: tl.constexpr):
-    """Write the master and the (rounded) parameter, and zero the gradient: the buffer is
-    ready for the next window without a pass of its own."""
+def _store_param(p_ptr, master_ptr, offs, mask, p, seed, HAS_MASTER: tl.constexpr, P_MODE: tl.constexpr):
+    """Write the master and the (rounded) parameter. The gradient is left as it is: the
+    optimizer marks it stale and the next window overwrites it."""
     if HAS_MASTER:
         tl.store(master_ptr + offs, p, mask=mask)
     _round_store(p_ptr, offs, mask, p, seed, P_MODE)
-    tl.store(g_ptr + offs, tl.zeros_like(p), mask=mask)
 
 
 @triton.jit
@@ -133,7 +132,7 @@ def _adam_kernel(
     p = p - step_size * (m / denom)
     _round_store(m_ptr, offs, mask, m, seed, S_MODE)
     _round_store(v_ptr, offs, mask, v, seed + 1, S_MODE)
-    _store_param_zero_grad(p_ptr, g_ptr, master_ptr, offs, mask, p, seed + 3, HAS_MASTER, P_MODE)
+    _store_param(p_ptr, master_ptr, offs, mask, p, seed + 3, HAS_MASTER, P_MODE)
 
 
 @triton.jit
@@ -158,7 +157,7 @@ def _sgd_kernel(
         else:
             g = b
     p = p - lr * g
-    _store_param_zero_grad(p_ptr, g_ptr, master_ptr, offs, mask, p, seed, HAS_MASTER, P_MODE)
+    _store_param(p_ptr, master_ptr, offs, mask, p, seed, HAS_MASTER, P_MODE)
 
 
 def _grid(n: int):
