@@ -19,8 +19,9 @@ How gradients are simulated (no model)
 A single autograd node (:class:`_Deliver`) whose backward returns ``g_micro * grad_output``
 for every parameter: the gradient arrives through autograd exactly as a model's would (a
 freshly written tensor, scaled by the loss scale, handed to ``AccumulateGrad``; torch steals
-it on the first micro-batch and adds in place afterwards; fastaccum's fp32 views add in
-place, its bf16 hook folds into the fp32 buffer). Both sides pay the same cost to *produce*
+it on the first micro-batch and adds in place afterwards; fastaccum's hook copies the first
+micro-batch's gradient into the stale buffer segment and its fp32 views add in place
+afterwards, its bf16 hook adds into the fp32 buffer). Both sides pay the same cost to *produce*
 the gradient (read ``g_micro``, write the fresh tensor); what differs is exactly what differs
 in a real training loop. Two precomputed gradient sets alternate, to bound memory.
 
@@ -145,10 +146,9 @@ def bytes_per_param(impl: str, dtype: str, mode: str, accum: int = 1) -> Tuple[i
     torch, bf16/fp16       14    the same 7 arrays, all 16-bit (torch keeps bf16 state)
     DeepSpeed, fp32        28    as torch
     DeepSpeed, bf16        22    read p(2) g(2) m v; write p(2) m v (fp32 state)
-    fastaccum, fp32        32    read p, g, m, v; write p, m, v and g = 0 (zeroing is fused
-                                 into the update: no separate zero pass, counted here)
-    fastaccum, bf16/fp16   34    read master, m, v, g (fp32); write master, m, v, g = 0
-                                 (fp32) and p (2)
+    fastaccum, fp32        28    read p, g, m, v; write p, m, v (the buffer is never zeroed:
+                                 the next window's first gradient overwrites it)
+    fastaccum, bf16/fp16   30    read master, m, v, g (fp32); write master, m, v (fp32), p (2)
     ====================  =====  ==========================================================
 
     cycle (N micro-batches + loss scale + clip + step), per parameter per window:
@@ -157,17 +157,18 @@ def bytes_per_param(impl: str, dtype: str, mode: str, accum: int = 1) -> Tuple[i
     * torch / DeepSpeed: micro-batch 1 is stolen by AccumulateGrad (0), micro-batches
       2..N add in place (3e each), ``unscale_`` (2e), ``clip_grad_norm_`` (norm read e +
       scale 2e), then the step above.
-    * fastaccum: every micro-batch adds into the fp32 buffer (fp32: 12; bf16: read 2 +
-      read/write fp32 8 = 10), one norm/inf-check read of the fp32 buffer (4), then the
-      fused step above (unscale, normalisation and clip are a multiplier inside it).
+    * fastaccum: micro-batch 1 overwrites the stale fp32 buffer (read e + write 4), micro-
+      batches 2..N add into it (fp32: 12; bf16: read 2 + read/write fp32 8 = 10), one
+      norm/inf-check read of the fp32 buffer (4), then the fused step above (unscale,
+      normalisation and clip are a multiplier inside it).
     """
     if impl not in ("fastaccum", "torch", "deepspeed"):
         impl = "fastaccum" if impl.startswith("fastaccum") else "deepspeed" if impl.startswith("deepspeed") else "torch"
     e = 4 if dtype == "fp32" else 2
     low = dtype != "fp32"
     if impl == "fastaccum":
-        step, step_note = (34, "read master,m,v,g(fp32); write master,m,v,g=0(fp32),p(2)") if low else (
-            32, "read p,g,m,v; write p,m,v + g=0 fused into the update")
+        step, step_note = (30, "read master,m,v,g(fp32); write master,m,v(fp32),p(2)") if low else (
+            28, "read p,g,m,v; write p,m,v (g only read: never zeroed)")
     elif impl == "deepspeed":
         step, step_note = (22, "read p(2),g(2),m,v; write p(2),m,v") if low else (28, "read p,g,m,v; write p,m,v")
     else:
@@ -178,9 +179,10 @@ def bytes_per_param(impl: str, dtype: str, mode: str, accum: int = 1) -> Tuple[i
     n = int(accum)
     produce = 2 * e * n
     if impl == "fastaccum":
-        acc = (10 if low else 12) * n
+        first, add = e + 4, (10 if low else 12)
+        acc = first + add * (n - 1)
         total = produce + acc + 4 + step
-        note = f"{n}x produce {2 * e} + {n}x accumulate {acc // n} + norm 4 + step {step}"
+        note = f"{n}x produce {2 * e} + overwrite {first} + {n - 1}x accumulate {add} + norm 4 + step {step}"
     else:
         acc = 3 * e * (n - 1)
         total = produce + acc + 2 * e + 3 * e + step
