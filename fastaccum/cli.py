@@ -435,7 +435,7 @@ def print_plan(res: Dict[str, Any]) -> None:
         lines.append(f"target: {tgt['batch_sequences']} sequences per optimizer step"
                      + (f" ({tgt['tokens']:,} tokens)" if tgt["tokens"] else "")
                      + f" on {tgt['devices']} device(s) = {tgt['per_device_sequences']} per device")
-    headers = ["mode", "params", "grads", "master", "state", "bf16 grad", "static", "max micro",
+    headers = ["mode", "params", "grads", "master", "state", "in-flight", "static", "max micro",
                "micro x accum", "batch", "note"]
     rows = []
     for r in res["modes"]:
@@ -461,9 +461,10 @@ def print_plan(res: Dict[str, Any]) -> None:
         for line in lines:
             console.print(line, highlight=False, markup=False)
         table = Table(show_lines=False, caption="SR: stochastic rounding (master_weights=False). "
-                      "grads: torch's .grad or fastaccum's fp32 buffer; bf16 grad: the "
-                      "largest bf16 gradient, alive until the hook folds it into the buffer; static = params + grads "
-                      "+ master + state + bf16 grad; does not fit: static + one sequence > usable memory",
+                      "grads: torch's .grad or fastaccum's fp32 buffer; in-flight: the largest gradient autograd "
+                      "hands to fastaccum's hook, alive until the hook folds it into the buffer (or, in step-in-backward, "
+                      "applies it); static = params + grads + master + state + in-flight; does not fit: static + one "
+                      "sequence > usable memory",
                       caption_justify="left")
         for h in headers:
             table.add_column(h, justify="left" if h in ("mode", "note") else "right", overflow="fold",
