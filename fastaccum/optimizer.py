@@ -266,9 +266,13 @@ class AccumOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(bucket.params):
                 g = p.grad
                 if g is None:
+                    # no gradient this window (or cleared by model.zero_grad()): skipped.
+                    # bf16/fp16 gradients always live in the buffer, so only a stale
+                    # segment means none arrived.
                     if not bucket.low_precision:
-                        # no gradient this window (or cleared by model.zero_grad()): skipped
                         bucket.consume(i)
+                        bucket.live[i] = False
+                    elif not bucket.fresh[i]:
                         bucket.live[i] = False
                 elif not bucket.owns_grad(i, g):
                     bucket.assign(i, g)
@@ -389,10 +393,11 @@ class AccumOptimizer(torch.optim.Optimizer):
             found_inf = getattr(self, "found_inf", None)
         if self.step_in_backward:
             return loss
-        self._micro_step += 1
-        if self._micro_step < self.accumulation_steps:
+        if self._micro_step + 1 < self.accumulation_steps:
+            self._micro_step += 1
             return loss
-        self._micro_step = 0
+        # the window's last micro-batch; if the update refuses bad input, nothing (not even
+        # the micro-step count) has changed and step() can be called again
         self._update(grad_scale, found_inf)
         return loss
 

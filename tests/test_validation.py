@@ -94,6 +94,22 @@ def test_nan_lr_set_later_is_refused_at_step():
     _unchanged(model, opt, pb, sb)
 
 
+def test_refused_step_in_managed_mode_can_be_retried():
+    torch.manual_seed(0)
+    model = OddNet()
+    opt = fastaccum.AdamW(model.parameters(), lr=1e-2, accumulation_steps=2, backend="torch")
+    for x in batches(2):
+        opt.backward(model(x).mean())
+        if opt.micro_step == 1:
+            opt.param_groups[0]["lr"] = float("nan")
+            with pytest.raises(ValueError, match="lr"):
+                opt.step()
+            assert opt.micro_step == 1 and not opt.state, "the window is still open, nothing applied"
+            opt.param_groups[0]["lr"] = 1e-2
+        opt.step()
+    assert opt.micro_step == 0 and opt.state[model.w1]["step"].item() == 1
+
+
 def test_sparse_gradient_is_refused():
     model, opt, pb, sb = _trained()
     model.odd.grad = torch.zeros(7).to_sparse()
