@@ -599,7 +599,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             for name, v in st.items():
                 if name != "step" and isinstance(v, Tensor) and v.numel() != p.numel():
                     raise ValueError(f"state {name!r} has {v.numel()} elements but its parameter has {p.numel()} "
-                                     "(shape {}): the state_dict was saved for another parameter layout".format(tuple(p.shape)))
+                                     f"(shape {tuple(p.shape)}): the state_dict was saved for another parameter layout")
         if extra is not None:
             layout = [[b.group_index, str(b.dtype), list(b.numels)] for b in self._buckets]
             if [list(x) for x in extra["layout"]] != layout:
