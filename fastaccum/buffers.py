@@ -56,6 +56,7 @@ class Bucket:
         self.fresh = [False] * len(params)
         self.garbage = [False] * len(params)
         self.flat_state: Dict[str, Tensor] = {}
+        self.state_views: Dict[str, List[Tensor]] = {}
         # step counts per parameter, float32 like torch.optim; state[p]["step"] are views.
         self.steps = torch.zeros(len(params), dtype=torch.float32)
 
@@ -66,15 +67,13 @@ class Bucket:
     def views(self, flat: Tensor) -> List[Tensor]:
         return [flat[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]
 
-    def allocate_state(self, name: str, dtype: torch.dtype, init: Optional[str] = None) -> List[Tensor]:
-        """Allocate (once) a flat state tensor; ``init="params"`` copies the parameters (master weights)."""
+    def allocate_state(self, name: str, dtype: torch.dtype) -> List[Tensor]:
+        """Per-parameter views of the flat state tensor ``name``, allocated (zeroed) on first use."""
         if name not in self.flat_state:
-            flat = torch.zeros(self.numel, dtype=dtype, device=self.device)
-            self.flat_state[name] = flat
-            if init == "params":
-                for v, p in zip(self.views(flat), self.params):
-                    v.copy_(p.detach())
-        return self.views(self.flat_state[name])
+            self.flat_state[name] = torch.zeros(self.numel, dtype=dtype, device=self.device)
+            # made once: building the views on every step cost more than a small model's update
+            self.state_views[name] = self.views(self.flat_state[name])
+        return self.state_views[name]
 
     def receive(self, i: int, grad: Tensor) -> None:
         """Fold an incoming gradient into segment ``i``: add when fresh, overwrite when stale."""
