@@ -77,25 +77,22 @@ class Bucket:
 
     def receive(self, i: int, grad: Tensor) -> None:
         """Fold an incoming gradient into segment ``i``: add when fresh, overwrite when stale."""
-        view = self.grad_views[i]
         if self.fresh[i]:
-            self.backend.accumulate_(view, grad, 1.0)
+            self.backend.accumulate_(self.grad_views[i], grad, 1.0)
         else:
-            view.copy_(grad.reshape(view.shape))
-        self.fresh[i] = True
-        self.garbage[i] = False
-        self.live[i] = True
+            self.assign(i, grad)
 
     def assign(self, i: int, grad: Tensor) -> None:
         """Make segment ``i`` exactly ``grad`` (a p.grad that is the whole gradient)."""
         self.grad_views[i].copy_(grad.reshape(self.grad_views[i].shape))
-        self.fresh[i] = True
-        self.garbage[i] = False
-        self.live[i] = True
+        self._mark_fresh(i)
 
     def zero_segment(self, i: int) -> None:
         """A zero gradient for parameter ``i`` (``zero_grad(set_to_none=False)``)."""
         self.grad_views[i].zero_()
+        self._mark_fresh(i)
+
+    def _mark_fresh(self, i: int) -> None:
         self.fresh[i] = True
         self.garbage[i] = False
         self.live[i] = True
@@ -126,5 +123,6 @@ class Bucket:
             and grad.shape == view.shape
         )
 
-    def layout(self) -> List[int]:
-        return list(self.numels)
+    def layout(self) -> list:
+        """What a saved accumulation buffer must match to be loaded into this bucket."""
+        return [self.group_index, str(self.dtype), list(self.numels)]

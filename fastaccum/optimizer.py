@@ -246,7 +246,8 @@ class AccumOptimizer(torch.optim.Optimizer):
             # (a copy, where accumulating into a zeroed buffer would be an add).
             bucket.assign(i, g)
             p.grad = bucket.grad_views[i]
-        bucket.live[i] = True
+        # (an fp32 gradient autograd added into our view needs no bookkeeping: the view is
+        # attached only while its segment is fresh, hence live)
         self._norm_cache = None
 
     def _fold_grads(self) -> None:
@@ -560,7 +561,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["fastaccum"] = {
             "version": _STATE_FORMAT_VERSION,
-            "layout": [[b.group_index, str(b.dtype), list(b.numels)] for b in self._buckets],
+            "layout": [b.layout() for b in self._buckets],
             # only mid-window buffers hold gradients; a checkpoint taken after a step (the
             # usual case) does not carry 4 bytes/param of stale values
             "grad_buffers": [b.grad if any(b.fresh) else None for b in self._buckets],
@@ -601,7 +602,7 @@ class AccumOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"state {name!r} has {v.numel()} elements but its parameter has {p.numel()} "
                                      f"(shape {tuple(p.shape)}): the state_dict was saved for another parameter layout")
         if extra is not None:
-            layout = [[b.group_index, str(b.dtype), list(b.numels)] for b in self._buckets]
+            layout = [b.layout() for b in self._buckets]
             if [list(x) for x in extra["layout"]] != layout:
                 raise ValueError("the state_dict's accumulation buffers were saved for another parameter layout "
                                  f"(saved {extra['layout']}, here {layout})")
