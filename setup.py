@@ -1,6 +1,6 @@
 """Build script: everything declarative lives in pyproject.toml.
 
-The optional C++ extension ``fastaccum._C`` (kernels in ``csrc/``) is added here when its
+The optional C++ extension ``fastaccum.backends.cpu._C`` (kernels in ``csrc/``) is added here when its
 sources exist and ``FASTACCUM_NO_EXT`` is not set. It is built with pybind11 only and
 never includes PyTorch headers, so it needs no torch at build time and survives a torch
 upgrade.
@@ -30,6 +30,8 @@ from setuptools import setup
 ext_modules = []
 cmdclass = {}
 _root = Path(__file__).parent
+# The compiled kernels live with the only code that calls them: the cpu backend.
+_EXT_NAME = "fastaccum.backends.cpu._C"
 _csrc = _root / "csrc"
 
 _ISA_FLAGS = {
@@ -56,7 +58,7 @@ if os.environ.get("FASTACCUM_NO_EXT", "0") in ("", "0") and any(_csrc.glob("*.cp
         """pybind11's build_ext plus per-file ISA flags for the SIMD translation units."""
 
         def build_extension(self, ext):
-            if ext.name == "fastaccum._C":
+            if ext.name == _EXT_NAME:
                 unix = self.compiler.compiler_type == "unix"
                 objects = []
                 for src in isa_sources:
@@ -75,7 +77,7 @@ if os.environ.get("FASTACCUM_NO_EXT", "0") in ("", "0") and any(_csrc.glob("*.cp
 
     ext_modules = [
         Pybind11Extension(
-            "fastaccum._C",
+            _EXT_NAME,
             base_sources,
             cxx_std=17,
             extra_compile_args=common,

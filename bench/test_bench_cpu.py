@@ -28,7 +28,7 @@ fastaccum step stage        32    norm/inf read of g (4) + fused step (28)
 torch step stage            48    unscale_ (8) + clip: norm (4) + scale (8) + step (28)
 =========================  =====  ===============================================
 
-The streaming bound is ``fastaccum._C.stream``: the same threads and chunking as the
+The streaming bound is ``fastaccum.backends.cpu._C.stream``: the same threads and chunking as the
 kernels, reading 4 fp32 arrays and writing back 4 (fastaccum's pattern) or 3 (torch's),
 with no arithmetic to speak of. "% bound" = the row's GB/s / the bound's GB/s.
 """
@@ -56,7 +56,7 @@ except BackendUnavailableError as e:
     pytest.skip(f"cpu backend not built: {e}", allow_module_level=True)
 
 import fastaccum  # noqa: E402
-from fastaccum import _C  # noqa: E402
+from fastaccum.backends.cpu import _C  # noqa: E402
 
 N_PARAMS = harness.parse_count(os.environ.get("FASTACCUM_BENCH_CPU_PARAMS", "100M"))
 THREADS = int(os.environ.get("FASTACCUM_BENCH_CPU_THREADS", "2"))
@@ -141,7 +141,7 @@ def stream_rows(nwrite_list=(4, 3)) -> List[Row]:
     for w in nwrite_list:
         rows.append(Row(f"stream bound (read 4, write {w})",
                         lambda w=w: _C.stream(ptrs, w, N_PARAMS, torch.get_num_threads()),
-                        bytes_per_param=16 + 4 * w, note="fastaccum._C.stream"))
+                        bytes_per_param=16 + 4 * w, note="fastaccum.backends.cpu._C.stream"))
     rows[0]._keep = arrays  # type: ignore[attr-defined]
     return rows
 

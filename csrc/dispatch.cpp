@@ -2,7 +2,7 @@
 // nothing here can execute an instruction the CPU lacks.
 //
 // Threads. The kernels run on *torch's own* OpenMP thread team when torch uses one:
-// fastaccum/ops.py finds the OpenMP runtime torch has loaded (the wheels bundle a
+// fastaccum/backends/cpu/ops.py finds the OpenMP runtime torch has loaded (the wheels bundle a
 // renamed libgomp) and passes its path to use_openmp_runtime(), which binds to it with
 // dlopen(RTLD_NOLOAD) - never loading a second runtime - and calls its GOMP_parallel
 // entry point (the ABI `#pragma omp parallel` compiles to). Why not a pool of our own:

@@ -14,12 +14,12 @@
 
 namespace fastaccum {
 
-// Must match fastaccum/ops.py (_DTYPE_CODES).
+// Must match fastaccum/backends/cpu/ops.py (DTYPE_CODES).
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // Bump when the Python <-> C++ calling convention changes, so that a stale build is
 // refused with a clear message instead of misreading its arguments.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 struct AdamSeg {
   void* param;           // AdamJob::param_dtype
@@ -49,7 +49,7 @@ struct AdamJob {
   bool maximize;
   bool decoupled;
   bool has_weight_decay;
-  float grad_scale;
+  float grad_multiplier;
   float lerp_weight;  // 1 - beta1
   float beta2;
   float one_minus_beta2;
@@ -78,7 +78,7 @@ struct SgdJob {
   bool maximize;
   bool nesterov;
   bool has_weight_decay;
-  float grad_scale;
+  float grad_multiplier;
   float momentum;
   float one_minus_dampening;
   float neg_lr;

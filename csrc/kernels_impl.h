@@ -156,7 +156,7 @@ template <class V, int PT, int ST, bool AMS, bool MASTER>
 static inline void adam_block(const AdamJob& J, const AdamSeg& S, void* p, float* g, void* m,
                               void* v, void* vm, float* ms, uint64_t idx) {
   using F = typename V::F;
-  F grad = V::mul(V::ld32(g), V::set1(J.grad_scale));
+  F grad = V::mul(V::ld32(g), V::set1(J.grad_multiplier));
   F param;
   if constexpr (MASTER) {
     param = V::ld32(ms);
@@ -278,7 +278,7 @@ template <class V, int PT, bool MOM, bool MASTER>
 static inline void sgd_block(const SgdJob& J, const SgdSeg& S, void* p, float* g, float* mb, float* ms,
                              uint64_t idx) {
   using F = typename V::F;
-  F grad = V::mul(V::ld32(g), V::set1(J.grad_scale));
+  F grad = V::mul(V::ld32(g), V::set1(J.grad_multiplier));
   F param;
   if constexpr (MASTER) {
     param = V::ld32(ms);

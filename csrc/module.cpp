@@ -1,5 +1,5 @@
 // pybind11 bindings of fastaccum._C. Arguments are plain integers (data pointers, element
-// counts, dtype codes) and Python scalars: fastaccum/ops.py extracts them from tensors and
+// counts, dtype codes) and Python scalars: fastaccum/backends/cpu/ops.py extracts them from tensors and
 // validates dtypes, devices, contiguity and sizes before any pointer reaches this file.
 // The GIL is released while kernels run.
 #include <pybind11/pybind11.h>
@@ -73,7 +73,7 @@ double py_sumsq(uintptr_t x, int64_t n, int nthreads) {
 void py_adam(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, const Ptrs& exp_avg_sqs,
              const Ptrs& max_exp_avg_sqs, const Ptrs& masters, const Ints& numels, const Ints& steps,
              int param_dtype, int state_dtype, double lr, double beta1, double beta2, double eps,
-             double weight_decay, bool decoupled, bool maximize, double grad_scale, bool stochastic_rounding,
+             double weight_decay, bool decoupled, bool maximize, double grad_multiplier, bool stochastic_rounding,
              uint64_t seed, int nthreads) {
   const size_t n = params.size();
   check_len(grads.size(), n, "grads");
@@ -125,7 +125,7 @@ void py_adam(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, const 
   job.maximize = maximize;
   job.decoupled = decoupled;
   job.has_weight_decay = weight_decay != 0.0;
-  job.grad_scale = float(grad_scale);
+  job.grad_multiplier = float(grad_multiplier);
   job.lerp_weight = float(1.0 - beta1);
   job.beta2 = float(beta2);
   job.one_minus_beta2 = float(1.0 - beta2);
@@ -138,7 +138,7 @@ void py_adam(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, const 
 
 void py_sgd(const Ptrs& params, const Ptrs& grads, const Ptrs& momentum_buffers, const Ptrs& masters,
             const Ints& numels, const Ints& steps, int param_dtype, double lr, double momentum, double dampening,
-            bool nesterov, double weight_decay, bool maximize, double grad_scale, bool stochastic_rounding,
+            bool nesterov, double weight_decay, bool maximize, double grad_multiplier, bool stochastic_rounding,
             uint64_t seed, int nthreads) {
   const size_t n = params.size();
   check_len(grads.size(), n, "grads");
@@ -170,7 +170,7 @@ void py_sgd(const Ptrs& params, const Ptrs& grads, const Ptrs& momentum_buffers,
   job.maximize = maximize;
   job.nesterov = nesterov;
   job.has_weight_decay = weight_decay != 0.0;
-  job.grad_scale = float(grad_scale);
+  job.grad_multiplier = float(grad_multiplier);
   job.momentum = float(momentum);
   job.one_minus_dampening = float(1.0 - dampening);
   job.neg_lr = float(-lr);
@@ -192,7 +192,7 @@ void py_stream(const Ptrs& arrays, int nwrite, int64_t n, int nthreads) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastaccum CPU kernels (SIMD + threads); called through fastaccum.ops";
+  m.doc() = "fastaccum CPU kernels (SIMD + threads); called through fastaccum.backends.cpu.ops";
   m.attr("ABI_VERSION") = fastaccum::kAbiVersion;
   m.def("isa", [] { return std::string(fastaccum::active_table().name); }, "ISA the kernels run with");
   m.def("set_isa", &fastaccum::set_isa, py::arg("name"), "Force 'avx512', 'avx2' or 'scalar' (tests, benchmarks)");
@@ -209,12 +209,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("max_exp_avg_sqs"), py::arg("masters"), py::arg("numels"), py::arg("steps"),
         py::arg("param_dtype"), py::arg("state_dtype"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("maximize"),
-        py::arg("grad_scale"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("nthreads"));
+        py::arg("grad_multiplier"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("nthreads"));
   m.def("stream", &py_stream, py::arg("arrays"), py::arg("nwrite"), py::arg("n"), py::arg("nthreads"),
         "benchmark helper: read every fp32 array (n elements each), write back the first nwrite; "
         "the streaming bound of an update with that access pattern");
   m.def("sgd", &py_sgd, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("masters"),
         py::arg("numels"), py::arg("steps"), py::arg("param_dtype"), py::arg("lr"), py::arg("momentum"),
         py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"), py::arg("maximize"),
-        py::arg("grad_scale"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("nthreads"));
+        py::arg("grad_multiplier"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("nthreads"));
 }

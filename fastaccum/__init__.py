@@ -2,8 +2,11 @@
 
 Swap ``torch.optim.AdamW(...)`` for ``fastaccum.AdamW(...)``: gradients accumulate into flat
 fp32 buffers (exact for bf16/fp16 parameters too), and unscale, inf check, clipping,
-token-weighted normalisation, the update and the buffer zeroing run as one or two fused
-passes. See README.md for the loop styles.
+token-weighted normalisation and the update run as one or two fused passes (the buffer is
+never zeroed: consumed segments go stale and the next gradient overwrites them). See
+README.md for the loop styles and ARCHITECTURE.md for the layout.
+
+This module holds the public names only.
 """
 from . import backends
 from .backends import (
@@ -13,7 +16,9 @@ from .backends import (
     register_backend,
     resolve_backend,
 )
-from .optimizer import SGD, AccumOptimizer, Adam, AdamW
+from .adam import Adam, AdamW
+from .optimizer import AccumOptimizer
+from .sgd import SGD
 from .scaling import LossScaler
 
 __version__ = "0.1.0"

@@ -9,10 +9,20 @@ parameter owns a segment of every flat tensor; segments start on 64-byte boundar
   segment, so autograd accumulates in place; bf16/fp16 parameters get ``p.main_grad``.
 * ``exp_avg``/``exp_avg_sq``/... : flat state, allocated at the first step (as torch
   allocates state lazily), exposed per parameter as views in ``optimizer.state[p]``.
+
+This module is the only one that writes ``p.grad``, ``p.main_grad`` or a bucket's flags:
+the optimizer says *what happened* (a hook fired, a step consumed the window, the user
+cleared the gradients) and the bucket keeps the segment protocol consistent.
+
+fastaccum never assumes it owns ``p.grad``: a tensor there that is not our view (assigned
+by the user, by gradient surgery, or by a trainer) replaces the segment, a ``None`` on an
+fp32 parameter means "no gradient" (skipped, like torch.optim), and the fp32 view is
+attached again. Invariant: an fp32 ``p.grad`` is our view only while its segment is fresh,
+so autograd never adds into a stale segment.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -109,6 +119,111 @@ class Bucket:
             if self.garbage[i]:
                 self.grad_views[i].zero_()
                 self.garbage[i] = False
+
+    def live_indices(self) -> List[int]:
+        return [i for i, is_live in enumerate(self.live) if is_live]
+
+    # ------------------------------------------------------------ the p.grad protocol
+    def adopt(self, i: int) -> None:
+        """Registration: expose the buffer and keep a gradient computed before the optimizer existed."""
+        if self.grad is None:
+            return
+        p = self.params[i]
+        existing = p.grad
+        if self.low_precision:
+            p.main_grad = self.grad_views[i]
+        if existing is not None:
+            self.assign(i, existing)
+            p.grad = None if self.low_precision else self.grad_views[i]
+        # Otherwise an fp32 p.grad stays None until the parameter's first gradient, which
+        # the hook moves into the view: a parameter that never gets a gradient keeps
+        # p.grad None, as with torch.optim (code that tests `p.grad is None` still works).
+
+    def take_from_hook(self, i: int) -> None:
+        """Post-accumulate-grad hook: fold what autograd produced into segment ``i``."""
+        p = self.params[i]
+        g = p.grad
+        if self.low_precision:
+            self.receive(i, g)  # add into a fresh segment, overwrite a stale one
+            p.grad = None  # the bf16/fp16 gradient never outlives this hook
+        elif not self.owns_grad(i, g):
+            # p.grad was None (the first micro-batch of a window, or model.zero_grad()) or
+            # replaced: autograd handed over the whole gradient, so it replaces the segment
+            # (a copy, where accumulating into a zeroed buffer would be an add).
+            self.assign(i, g)
+            p.grad = self.grad_views[i]
+        # (an fp32 gradient autograd added into our view needs no bookkeeping: the view is
+        # attached only while its segment is fresh, hence live)
+
+    def release(self, i: int) -> None:
+        """Step-in-backward: the gradient was used in its hook and is dropped."""
+        self.params[i].grad = None
+
+    def foreign_grads(self) -> Iterator[Tuple[int, Tensor, Optional[Tensor]]]:
+        """(i, param, p.grad) for every parameter whose p.grad is not our view (or that moved device)."""
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if p.device != self.device or (g is not None and not self.owns_grad(i, g)):
+                yield i, p, g
+
+    def fold_user_grads(self) -> bool:
+        """Make the segments hold exactly what ``p.grad`` means now; True when a segment changed."""
+        changed = False
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                # no gradient this window (or cleared by model.zero_grad()): skipped.
+                # bf16/fp16 gradients always live in the buffer, so only a stale
+                # segment means none arrived.
+                if not self.low_precision:
+                    self.consume(i)
+                    self.live[i] = False
+                elif not self.fresh[i]:
+                    self.live[i] = False
+            elif not self.owns_grad(i, g):
+                self.assign(i, g)
+                p.grad = None if self.low_precision else self.grad_views[i]
+                changed = True
+        return changed
+
+    def clear(self, set_to_none: bool) -> None:
+        """``zero_grad``: no gradients (set_to_none) or zero gradients for those that had one."""
+        for i, p in enumerate(self.params):
+            if set_to_none:
+                self.consume(i)
+                self.live[i] = False
+                p.grad = None
+            elif self.live[i] or p.grad is not None:
+                self.zero_segment(i)
+                p.grad = None if self.low_precision else self.grad_views[i]
+
+    def consume_all(self) -> None:
+        """The window's gradients are used: segments go stale, fp32 views are detached so
+        that the next backward hands autograd's gradient over instead of adding to them."""
+        for i, p in enumerate(self.params):
+            self.consume(i)
+            if p.grad is not None and self.owns_grad(i, p.grad):
+                p.grad = None
+
+    def zero_stale(self, idx: Sequence[int]) -> None:
+        """A live parameter without a fresh segment has a zero gradient: make it read as one."""
+        self.clean([i for i in idx if not self.fresh[i]])
+
+    def restore(self, buf: Optional[Tensor], live: Sequence[bool], fresh: Sequence[bool]) -> None:
+        """Load a saved window: the partial gradients and which segments hold them."""
+        self.live = list(live)
+        if self.grad is None:  # step_in_backward: no buffer
+            return
+        if buf is not None:
+            self.grad.copy_(buf)
+        self.fresh = list(fresh)
+        self.garbage = [not f for f in self.fresh]  # whatever the buffer held before is stale
+        for i, p in enumerate(self.params):
+            # the restored partial gradients are what p.grad shows; nothing else is attached
+            if self.fresh[i] and not self.low_precision:
+                p.grad = self.grad_views[i]
+            elif p.grad is not None and self.owns_grad(i, p.grad):
+                p.grad = None
 
     def owns_grad(self, i: int, grad: Optional[Tensor]) -> bool:
         """Whether ``grad`` is this bucket's view for parameter ``i`` (autograd accumulated in place)."""

@@ -6,7 +6,7 @@ operation by operation, so that with fp32 parameters the results match ``torch.o
 the last few ulps (see ``tests/test_parity.py``).
 
 All tensors passed in are fp32 and of the same shape. ``grad`` is the *raw* accumulated
-buffer; ``grad_scale`` is the single multiplier that turns it into the gradient the user
+buffer; ``grad_multiplier`` is the single multiplier that turns it into the gradient the user
 means: ``1 / (loss_scale * weight_sum) * clip_coef``. Folding it into the update is what
 saves the separate unscale / normalise / clip passes.
 
@@ -43,10 +43,10 @@ def adam_math(
     weight_decay: float,
     decoupled: bool,
     maximize: bool,
-    grad_scale: float,
+    grad_multiplier: float,
 ) -> None:
     """One Adam/AdamW step on fp32 tensors, in place (``step`` already incremented)."""
-    g = grad if grad_scale == 1.0 else grad * grad_scale
+    g = grad if grad_multiplier == 1.0 else grad * grad_multiplier
     if maximize:
         g = -g
     if weight_decay != 0:
@@ -80,14 +80,14 @@ def sgd_math(
     nesterov: bool,
     weight_decay: float,
     maximize: bool,
-    grad_scale: float,
+    grad_multiplier: float,
 ) -> None:
     """One SGD(+momentum) step on fp32 tensors, in place.
 
     ``momentum_buffer`` is preallocated; on the first step it is set to the gradient
     (torch creates it as ``clone(grad)``, without dampening).
     """
-    g = grad if grad_scale == 1.0 else grad * grad_scale
+    g = grad if grad_multiplier == 1.0 else grad * grad_multiplier
     if maximize:
         g = -g
     if weight_decay != 0:

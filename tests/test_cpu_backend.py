@@ -1,4 +1,4 @@
-"""The C++ cpu backend (fastaccum._C) kernel by kernel against the torch backend.
+"""The C++ cpu backend (fastaccum.backends.cpu._C) kernel by kernel against the torch backend.
 
 fp32: ``assert_close(rtol=1e-5, atol=1e-6)``. bf16/fp16: error against an fp64 reference at
 most 2x the torch backend's error in the same dtype. Sizes around the vector widths
@@ -24,7 +24,7 @@ try:
 except BackendUnavailableError as e:  # built with FASTACCUM_NO_EXT=1, or the build failed
     pytest.skip(f"cpu backend not built: {e}", allow_module_level=True)
 
-from fastaccum import _C  # noqa: E402
+from fastaccum.backends.cpu import _C  # noqa: E402
 
 TORCH = get_backend("torch")
 ISAS = _C.supported_isas()
@@ -221,7 +221,7 @@ def _assert_state_close(a, b, rtol, atol, keys=None):
 def test_adam_fp32_matches_torch(isa, kind):
     sizes = list(SIZES)
     amsgrad = kind.startswith("amsgrad")
-    hp_kw = dict(ADAM_KINDS[kind], grad_scale=1.0 / (ACCUM * 8.0), stochastic_rounding=False)
+    hp_kw = dict(ADAM_KINDS[kind], grad_multiplier=1.0 / (ACCUM * 8.0), stochastic_rounding=False)
     ours = _adam_state(sizes, torch.float32, torch.float32, False, amsgrad)
     theirs = _clone_state(ours)
     _run_adam(CPU, ours, hp_kw, sizes)
@@ -232,7 +232,7 @@ def test_adam_fp32_matches_torch(isa, kind):
 @pytest.mark.slow
 def test_adam_fp32_matches_torch_big():
     sizes = [BIG, 17]
-    hp_kw = dict(ADAM_KINDS["adamw"], grad_scale=0.25, stochastic_rounding=False)
+    hp_kw = dict(ADAM_KINDS["adamw"], grad_multiplier=0.25, stochastic_rounding=False)
     ours = _adam_state(sizes, torch.float32, torch.float32, False, True)
     theirs = _clone_state(ours)
     _run_adam(CPU, ours, hp_kw, sizes)
@@ -252,7 +252,7 @@ def _fp64_adam(st, hp_kw, sizes, steps=STEPS):
             g = sum(mg[i].double() for mg in micro)
             reference.adam_math(p[i], g, m[i], v[i], None, step=step, **{
                 k: hp_kw[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "maximize",
-                                      "grad_scale")})
+                                      "grad_multiplier")})
     return p, m, v
 
 
@@ -277,7 +277,7 @@ LOW_CASES = [
 @pytest.mark.parametrize("pdtype,sdtype,master,sr", LOW_CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_adam_low_precision_error_vs_fp64_at_most_2x_torch(pdtype, sdtype, master, sr):
     sizes = [4097, 17, 20000]
-    hp_kw = dict(ADAM_KINDS["adamw"], grad_scale=1.0 / ACCUM, stochastic_rounding=sr)
+    hp_kw = dict(ADAM_KINDS["adamw"], grad_multiplier=1.0 / ACCUM, stochastic_rounding=sr)
     ours = _adam_state(sizes, pdtype, sdtype, master, False)
     theirs = _clone_state(ours)
     p64, m64, v64 = _fp64_adam(ours, hp_kw, sizes)
@@ -297,7 +297,7 @@ def test_adam_isas_and_thread_counts_agree_bit_for_bit():
     """Same seed: every ISA and thread count gives identical bits, stochastic rounding included
     (the noise is a hash of the element index, and the vector code rounds like the scalar)."""
     sizes = [1, 17, 3 * (1 << 16) + 3]
-    hp_kw = dict(ADAM_KINDS["adamw"], grad_scale=0.5, stochastic_rounding=True)
+    hp_kw = dict(ADAM_KINDS["adamw"], grad_multiplier=0.5, stochastic_rounding=True)
     results = []
     before, old_threads = _C.isa(), torch.get_num_threads()
     try:
@@ -328,7 +328,7 @@ def test_adam_routes_non_contiguous_params_to_torch():
         st[key][0] = st[key][0].view(5, 8)
     theirs = _clone_state(st)
     theirs["params"][0] = w.clone().t().contiguous().t()  # same values, same strides
-    hp_kw = dict(ADAM_KINDS["adamw"], grad_scale=1.0, stochastic_rounding=False)
+    hp_kw = dict(ADAM_KINDS["adamw"], grad_multiplier=1.0, stochastic_rounding=False)
 
     def run(backend, s):
         for step in range(1, 4):
@@ -380,7 +380,7 @@ def _run_sgd(backend, st, hp_kw, sizes, steps=STEPS):
 @pytest.mark.parametrize("kind", sorted(SGD_KINDS))
 def test_sgd_fp32_matches_torch(isa, kind):
     sizes = list(SIZES)
-    hp_kw = dict(SGD_KINDS[kind], grad_scale=1.0 / ACCUM, stochastic_rounding=False)
+    hp_kw = dict(SGD_KINDS[kind], grad_multiplier=1.0 / ACCUM, stochastic_rounding=False)
     ours = _sgd_state(sizes, torch.float32, hp_kw["momentum"] != 0, False)
     theirs = _clone_state(ours)
     _run_sgd(CPU, ours, hp_kw, sizes)
@@ -391,7 +391,7 @@ def test_sgd_fp32_matches_torch(isa, kind):
 @pytest.mark.parametrize("pdtype", LOW)
 def test_sgd_master_weights_match_torch(isa, pdtype):
     sizes = list(SIZES)
-    hp_kw = dict(SGD_KINDS["momentum"], grad_scale=1.0 / ACCUM, stochastic_rounding=False)
+    hp_kw = dict(SGD_KINDS["momentum"], grad_multiplier=1.0 / ACCUM, stochastic_rounding=False)
     ours = _sgd_state(sizes, pdtype, True, True)
     theirs = _clone_state(ours)
     _run_sgd(CPU, ours, hp_kw, sizes)
@@ -416,7 +416,7 @@ def _sr_write(values: torch.Tensor, seed: int) -> torch.Tensor:
     master_free["grads"][0].copy_(p.float() - values)
     CPU.sgd_(SGDSegments(steps=[1], **master_free),
              SGDHyper(lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
-                      grad_scale=1.0, stochastic_rounding=True, seed=seed))
+                      grad_multiplier=1.0, stochastic_rounding=True, seed=seed))
     return p
 
 
@@ -457,7 +457,7 @@ def test_stochastic_rounding_keeps_specials():
     x = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e-40])
     st = _adam_state([6], torch.float32, torch.bfloat16, False, False)
     st["grads"][0].copy_(x)
-    CPU.adam_(_segs(st, 1), AdamHyper(seed=3, grad_scale=1.0, stochastic_rounding=True, **ADAM_KINDS["adamw"]))
+    CPU.adam_(_segs(st, 1), AdamHyper(seed=3, grad_multiplier=1.0, stochastic_rounding=True, **ADAM_KINDS["adamw"]))
     m = st["exp_avgs"][0].float()
     assert m[0].item() == math.inf and m[1].item() == -math.inf and math.isnan(m[2].item())
 
@@ -472,7 +472,7 @@ def test_bf16_second_moment_decays_with_stochastic_rounding():
         st = _adam_state([n], torch.float32, torch.bfloat16, False, False)
         st["exp_avg_sqs"][0].fill_(1.0)
         for step in range(1, steps + 1):
-            CPU.adam_(_segs(st, step), AdamHyper(seed=step, grad_scale=1.0, stochastic_rounding=sr,
+            CPU.adam_(_segs(st, step), AdamHyper(seed=step, grad_multiplier=1.0, stochastic_rounding=sr,
                                                   **dict(ADAM_KINDS["adamw"], lr=0.0)))
         out[sr] = st["exp_avg_sqs"][0].double().mean().item()
     expected = 0.999**steps
@@ -499,10 +499,13 @@ def test_opcheck_all_ops():
             g.normal_()
         torch.library.opcheck(ops.adam_, (
             st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"], st["max_exp_avg_sqs"] or [],
-            st["masters"] or [], [1, 2], 1e-3, 0.9, 0.999, 1e-8, 0.01, True, False, 0.5, False, 7))
+            st["masters"] or [], [1, 2]), dict(
+            lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True, maximize=False,
+            grad_multiplier=0.5, stochastic_rounding=False, seed=7))
     st = _sgd_state([5, 33], torch.float32, True, False)
-    torch.library.opcheck(ops.sgd_, (st["params"], st["grads"], st["momentum_buffers"], [], [1, 1], 0.1, 0.9,
-                                     0.0, False, 0.0, False, 1.0, False, 0))
+    torch.library.opcheck(ops.sgd_, (st["params"], st["grads"], st["momentum_buffers"], [], [1, 1]), dict(
+        lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
+        grad_multiplier=1.0, stochastic_rounding=False, seed=0))
 
 
 def test_ops_reject_bad_tensors_with_a_clear_message():
@@ -515,15 +518,16 @@ def test_ops_reject_bad_tensors_with_a_clear_message():
         ops.grad_norm(torch.zeros(4, 4).t())
     st = _adam_state([5], torch.float32, torch.float16, False, False)
     with pytest.raises(TypeError, match=r"exp_avgs\[0\] has dtype torch.float16"):
-        ops.adam_(st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"], [], [], [1], 1e-3, 0.9, 0.999,
-                  1e-8, 0.0, True, False, 1.0, False, 0)
+        ops.adam_(st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"], [], [], [1], lr=1e-3, beta1=0.9,
+                  beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, maximize=False, grad_multiplier=1.0,
+                  stochastic_rounding=False, seed=0)
 
 
 def test_adam_routes_fp16_moments_to_torch():
     sizes = [17, 33]
     ours = _adam_state(sizes, torch.float32, torch.float16, False, False)
     theirs = _clone_state(ours)
-    hp_kw = dict(ADAM_KINDS["adamw"], grad_scale=1.0, stochastic_rounding=False)
+    hp_kw = dict(ADAM_KINDS["adamw"], grad_multiplier=1.0, stochastic_rounding=False)
     _run_adam(CPU, ours, hp_kw, sizes, steps=3)
     _run_adam(TORCH, theirs, hp_kw, sizes, steps=3)
     _assert_state_close(ours, theirs, rtol=0, atol=0)
@@ -536,14 +540,14 @@ def test_set_isa_rejects_unknown_names():
 
 def test_missing_extension_makes_backend_unavailable_not_import_error():
     code = (
-        "import sys; sys.modules['fastaccum._C'] = None\n"
+        "import sys; sys.modules['fastaccum.backends.cpu._C'] = None\n"
         "import fastaccum\n"
         "from fastaccum.backends import get_backend, resolve_backend, BackendUnavailableError\n"
         "assert resolve_backend('auto', 'cpu').name == 'torch'\n"
         "try:\n"
         "    get_backend('cpu')\n"
         "except BackendUnavailableError as e:\n"
-        "    assert 'fastaccum._C' in str(e) and 'pip install' in str(e), e\n"
+        "    assert 'fastaccum.backends.cpu._C' in str(e) and 'pip install' in str(e), e\n"
         "    print('OK')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -559,12 +563,12 @@ def test_auto_picks_cpu_backend_for_cpu_tensors():
 def test_kernels_run_on_torch_openmp_team_and_own_pool_alike():
     """With an OpenMP torch the kernels bind torch's own OpenMP team (no second runtime,
     no pool fighting torch's spin-waiting workers); the fallback pool gives the same bits."""
-    from fastaccum import ops
+    from fastaccum.backends.cpu import ops
 
     if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
         assert ops.THREADING == "openmp" and _C.threading() == "openmp"
     sizes = [3 * (1 << 16) + 5, 17]
-    hp_kw = dict(ADAM_KINDS["adamw"], grad_scale=0.5, stochastic_rounding=True)
+    hp_kw = dict(ADAM_KINDS["adamw"], grad_multiplier=0.5, stochastic_rounding=True)
     out = {}
     old = torch.get_num_threads()
     try:
@@ -578,7 +582,7 @@ def test_kernels_run_on_torch_openmp_team_and_own_pool_alike():
             buf = torch.randn(sizes[0], generator=torch.Generator().manual_seed(0))
             out[mode]["norm"] = [CPU.grad_norm(buf)]
     finally:
-        ops._bind_threads()
+        ops.bind_threads()
         torch.set_num_threads(old)
     for k, ts in out["bound"].items():
         if ts is not None:
@@ -612,7 +616,7 @@ def test_moment_noise_is_uncorrelated():
     st = _adam_state([n], torch.float32, torch.bfloat16, False, False)
     st["grads"][0].fill_(x)
     hp = dict(ADAM_KINDS["adamw"], lr=0.0, beta1=0.0, beta2=0.0)
-    CPU.adam_(_segs(st, 1), AdamHyper(seed=5, grad_scale=1.0, stochastic_rounding=True, **hp))
+    CPU.adam_(_segs(st, 1), AdamHyper(seed=5, grad_multiplier=1.0, stochastic_rounding=True, **hp))
     x32 = torch.tensor(x)  # the fp32 values the kernel rounds: g and g*g, both in (1, 1 + ulp)
     frac_m, frac_v = ((x32 - 1) / ulp).item(), ((x32 * x32 - 1) / ulp).item()
     up_m = (st["exp_avgs"][0].float() > 1.0).double()

@@ -52,7 +52,7 @@ def test_adam_fp32_matches_torch_backend(n, decoupled, amsgrad, maximize):
     st = _adam_state(n, torch.float32, torch.float32, False, amsgrad, seed=n)
     grads = [torch.randn(n, generator=torch.Generator().manual_seed(t)).to(DEVICE) * 100 for t in range(10)]
     hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=decoupled,
-              maximize=maximize, grad_scale=0.01, stochastic_rounding=False)
+              maximize=maximize, grad_multiplier=0.01, stochastic_rounding=False)
     a, b = _run_adam(TRITON, st, grads, hp, 10), _run_adam(TORCH, st, grads, hp, 10)
     for k in a:
         if a[k] is not None:
@@ -74,14 +74,14 @@ def test_adam_low_precision_error_at_most_twice_torch(pdtype, master, sdtype):
     st = _adam_state(n, pdtype, sdtype, master, False, seed=3)
     grads = [torch.randn(n, generator=torch.Generator().manual_seed(t)).to(DEVICE) for t in range(10)]
     hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, maximize=False,
-              grad_scale=1.0, stochastic_rounding=(sdtype == torch.bfloat16) or not master)
+              grad_multiplier=1.0, stochastic_rounding=(sdtype == torch.bfloat16) or not master)
     # fp64 reference from the same starting point
     ref = {k: (v.double() if v is not None else None) for k, v in st.items()}
     p64 = ref["master"] if master else ref["param"]
     for t in range(10):
         from fastaccum.reference import adam_math
         adam_math(p64, grads[t].double(), ref["m"], ref["v"], None, step=t + 1, lr=1e-3, beta1=0.9,
-                  beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, maximize=False, grad_scale=1.0)
+                  beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, maximize=False, grad_multiplier=1.0)
     a, b = _run_adam(TRITON, st, grads, hp, 10), _run_adam(TORCH, st, grads, hp, 10)
     for k in ("param", "m", "v"):
         ref_k = p64 if k == "param" else ref[k]
@@ -101,7 +101,7 @@ def test_sgd_matches_torch_backend(n, momentum, nesterov):
             grad = torch.randn(n, generator=torch.Generator().manual_seed(t)).to(DEVICE)
             be.sgd_(SGDSegments([p], [grad], [buf] if momentum else None, None, [t + 1]),
                     SGDHyper(lr=0.1, momentum=momentum, dampening=0.0, nesterov=nesterov, weight_decay=0.01,
-                             maximize=False, grad_scale=0.5, stochastic_rounding=False, seed=0))
+                             maximize=False, grad_multiplier=0.5, stochastic_rounding=False, seed=0))
         out[name] = (p, buf)
     for x, y in zip(out["triton"], out["torch"]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -134,7 +134,7 @@ def test_bad_weight(weight):
     opt = fastaccum.AdamW([p], accumulation_steps=2, backend="torch")
     with pytest.raises((ValueError, TypeError), match="weight"):
         opt.backward(p.sum(), weight=weight)
-    assert p.grad is None and opt._weight_sum == 0.0, "nothing was accumulated"
+    assert p.grad is None and opt._window.weight_sum == 0.0, "nothing was accumulated"
 
 
 def test_unavailable_backend_raises_with_reason(monkeypatch):

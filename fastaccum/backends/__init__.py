@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .base import AdamHyper, AdamSegments, Backend, SGDHyper, SGDSegments
+from .base import AdamHyper, AdamSegments, Backend, SGDHyper, SGDSegments, hyper_kwargs
 
 __all__ = [
     "Backend",
@@ -29,6 +29,7 @@ __all__ = [
     "AdamHyper",
     "SGDSegments",
     "SGDHyper",
+    "hyper_kwargs",
     "BackendUnavailableError",
     "register_backend",
     "get_backend",
@@ -141,7 +142,7 @@ def _load_torch() -> Backend:
 
 
 def _load_cpu() -> Backend:
-    from .cpu import CpuBackend  # raises ImportError with the reason when fastaccum._C is missing
+    from .cpu.backend import CpuBackend  # raises ImportError with the reason when the extension is missing
 
     return CpuBackend()
 

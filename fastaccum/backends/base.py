@@ -5,7 +5,8 @@ accumulation buffer is a single flat fp32 tensor; each parameter owns an aligned
 of it. The optimizer calls a backend once per bucket (never once per tensor) for the norm
 pass and the update pass, and once per incoming low-precision gradient for accumulation.
 
-The contract every backend keeps (checked in ``tests/test_backends.py``):
+The contract every backend keeps (checked kernel by kernel against the torch backend in
+``tests/test_cpu_backend.py`` and ``tests/test_triton_backend.py``):
 
 ``accumulate_(dst, src, alpha)``
     ``dst += alpha * src``; ``dst`` fp32, ``src`` fp32/bf16/fp16, same number of elements.
@@ -13,7 +14,7 @@ The contract every backend keeps (checked in ``tests/test_backends.py``):
     L2 norm of the fp32 buffer as a 0-dim fp32 tensor on ``buf.device``. Non-finite
     (inf/nan) when any element is non-finite: this is the inf check too.
 ``adam_(segs, hp)`` / ``sgd_(segs, hp)``
-    One fused pass per segment: scale the raw gradient by ``hp.grad_scale`` (unscale,
+    One fused pass per segment: scale the raw gradient by ``hp.grad_multiplier`` (unscale,
     normalise, clip in one multiplier), the update math of :mod:`fastaccum.reference`, the
     fp32 master write and the parameter write-back (nearest-even or stochastic for bf16).
     The gradient is only read: the optimizer never zeroes the buffer, it marks the
@@ -23,8 +24,8 @@ The contract every backend keeps (checked in ``tests/test_backends.py``):
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -51,6 +52,11 @@ class AdamSegments:
     steps: List[int]
 
 
+# The hyper-parameters are spelled here and nowhere else: the optimizer fills these
+# dataclasses from a param group, and every backend passes them on by keyword
+# (:func:`hyper_kwargs`) down to its kernels.
+
+
 @dataclass
 class AdamHyper:
     lr: float
@@ -60,7 +66,10 @@ class AdamHyper:
     weight_decay: float
     decoupled: bool  # AdamW (decoupled) vs Adam (L2 added to the gradient)
     maximize: bool
-    grad_scale: float  # multiplier applied to the raw buffer
+    # The one multiplier that turns the raw accumulated buffer into the gradient the user
+    # means: 1 / (loss scale * GradScaler scale * weight sum) * clip coefficient. Not to be
+    # confused with GradScaler's ``grad_scale`` (the loss scale itself).
+    grad_multiplier: float
     stochastic_rounding: bool  # bf16 params without master weights, and bf16 moments
     seed: int  # for stochastic rounding; drawn from torch's RNG by the optimizer
 
@@ -82,9 +91,14 @@ class SGDHyper:
     nesterov: bool
     weight_decay: float
     maximize: bool
-    grad_scale: float
+    grad_multiplier: float  # as in AdamHyper
     stochastic_rounding: bool
     seed: int
+
+
+def hyper_kwargs(hp: Any) -> Dict[str, Any]:
+    """A hyper-parameter dataclass as keyword arguments (its field names are the kernels')."""
+    return {f.name: getattr(hp, f.name) for f in fields(hp)}
 
 
 class Backend(abc.ABC):
@@ -108,9 +122,6 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def sgd_(self, segs: SGDSegments, hp: SGDHyper) -> None: ...
-
-    def zero_(self, buf: Tensor) -> None:
-        buf.zero_()
 
     def __repr__(self) -> str:
         return f"<fastaccum backend {self.name!r}>"

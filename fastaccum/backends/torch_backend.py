@@ -52,7 +52,7 @@ class TorchBackend(Backend):
                 p32, segs.grads[i], m32, v32, vmax32,
                 step=segs.steps[i], lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
                 weight_decay=hp.weight_decay, decoupled=hp.decoupled, maximize=hp.maximize,
-                grad_scale=hp.grad_scale,
+                grad_multiplier=hp.grad_multiplier,
             )
             # bf16 moments: round the fp32 result back (stochastically, so that small
             # decays of exp_avg_sq are not lost to round-to-nearest).
@@ -71,7 +71,7 @@ class TorchBackend(Backend):
                 p32, segs.grads[i], buf,
                 first_step=segs.steps[i] == 1, lr=hp.lr, momentum=hp.momentum,
                 dampening=hp.dampening, nesterov=hp.nesterov, weight_decay=hp.weight_decay,
-                maximize=hp.maximize, grad_scale=hp.grad_scale,
+                maximize=hp.maximize, grad_multiplier=hp.grad_multiplier,
             )
             if p32 is not param:
                 reference.write_back_(param, p32, hp.stochastic_rounding and master is None)

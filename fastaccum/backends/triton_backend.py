@@ -83,10 +83,10 @@ def _mode(t: Tensor, stochastic: bool) -> int:
 
 
 @triton.jit
-def _load_grad_param(g_ptr, p_ptr, master_ptr, offs, mask, grad_scale, MAXIMIZE: tl.constexpr,
+def _load_grad_param(g_ptr, p_ptr, master_ptr, offs, mask, grad_multiplier, MAXIMIZE: tl.constexpr,
                      HAS_MASTER: tl.constexpr):
     """The gradient the user means (raw buffer x the one multiplier) and the fp32 weights."""
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0) * grad_scale
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0) * grad_multiplier
     if MAXIMIZE:
         g = -g
     if HAS_MASTER:
@@ -108,13 +108,13 @@ def _store_param(p_ptr, master_ptr, offs, mask, p, seed, HAS_MASTER: tl.constexp
 @triton.jit
 def _adam_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, n,
-    lr, beta1, beta2, eps, weight_decay, grad_scale, step_size, bc2_sqrt, seed,
+    lr, beta1, beta2, eps, weight_decay, grad_multiplier, step_size, bc2_sqrt, seed,
     DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr, HAS_MASTER: tl.constexpr,
     P_MODE: tl.constexpr, S_MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g, p = _load_grad_param(g_ptr, p_ptr, master_ptr, offs, mask, grad_scale, MAXIMIZE, HAS_MASTER)
+    g, p = _load_grad_param(g_ptr, p_ptr, master_ptr, offs, mask, grad_multiplier, MAXIMIZE, HAS_MASTER)
     if DECOUPLED:
         p = p * (1 - lr * weight_decay)
     else:
@@ -138,13 +138,13 @@ def _adam_kernel(
 @triton.jit
 def _sgd_kernel(
     p_ptr, g_ptr, buf_ptr, master_ptr, n,
-    lr, momentum, dampening, weight_decay, grad_scale, seed,
+    lr, momentum, dampening, weight_decay, grad_multiplier, seed,
     HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_MASTER: tl.constexpr, P_MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g, p = _load_grad_param(g_ptr, p_ptr, master_ptr, offs, mask, grad_scale, MAXIMIZE, HAS_MASTER)
+    g, p = _load_grad_param(g_ptr, p_ptr, master_ptr, offs, mask, grad_multiplier, MAXIMIZE, HAS_MASTER)
     g = g + weight_decay * p
     if HAS_MOMENTUM:
         if FIRST:
@@ -196,7 +196,7 @@ class TritonBackend(Backend):
                 param, segs.grads[i], segs.exp_avgs[i], segs.exp_avg_sqs[i],
                 vmax if vmax is not None else segs.exp_avg_sqs[i],
                 master if master is not None else segs.grads[i], n,
-                hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.grad_scale, hp.lr / bc1, bc2_sqrt,
+                hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.grad_multiplier, hp.lr / bc1, bc2_sqrt,
                 (hp.seed + 7919 * i) & 0x7FFFFFFF,
                 DECOUPLED=hp.decoupled, MAXIMIZE=hp.maximize, AMSGRAD=vmax is not None,
                 HAS_MASTER=master is not None,
@@ -212,7 +212,7 @@ class TritonBackend(Backend):
             _sgd_kernel[_grid(n)](
                 param, segs.grads[i], buf if buf is not None else segs.grads[i],
                 master if master is not None else segs.grads[i], n,
-                hp.lr, hp.momentum, hp.dampening, hp.weight_decay, hp.grad_scale,
+                hp.lr, hp.momentum, hp.dampening, hp.weight_decay, hp.grad_multiplier,
                 (hp.seed + 7919 * i) & 0x7FFFFFFF,
                 HAS_MOMENTUM=buf is not None, FIRST=segs.steps[i] == 1, NESTEROV=hp.nesterov,
                 MAXIMIZE=hp.maximize, HAS_MASTER=master is not None,

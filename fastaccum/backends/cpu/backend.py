@@ -1,5 +1,5 @@
-"""The ``cpu`` backend: C++ SIMD kernels (``csrc/``, module ``fastaccum._C``), called
-through the ``fastaccum::*`` custom ops of :mod:`fastaccum.ops`.
+"""The ``cpu`` backend: C++ SIMD kernels (``csrc/``, module ``_C`` beside this file), called
+through the ``fastaccum::*`` custom ops of ``ops.py``.
 
 In eager mode on plain tensors the backend calls the ops' implementations directly: the
 dispatcher round trip of a custom op costs ~14 us per call (and ~400 us for a 72-segment
@@ -22,26 +22,26 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import AdamHyper, AdamSegments, Backend, SGDHyper, SGDSegments
-from .torch_backend import TorchBackend
+from ..base import AdamHyper, AdamSegments, Backend, SGDHyper, SGDSegments, hyper_kwargs
+from ..torch_backend import TorchBackend
 
-_EXPECTED_ABI = 1  # csrc/kernels.h kAbiVersion
+_EXPECTED_ABI = 2  # csrc/kernels.h kAbiVersion
 
 try:
-    from .. import _C
+    from . import _C
 except ImportError as e:  # never a bare except: only "not built / cannot load" means unavailable
     raise ImportError(
-        f"fastaccum._C (the C++ CPU kernels) cannot be imported: {e}. Build it with "
+        f"fastaccum.backends.cpu._C (the C++ CPU kernels) cannot be imported: {e}. Build it with "
         "`pip install -e .` (without FASTACCUM_NO_EXT=1), or use backend='torch'"
     ) from e
 
 if getattr(_C, "ABI_VERSION", None) != _EXPECTED_ABI:
     raise ImportError(
-        f"fastaccum._C is a stale build (ABI {getattr(_C, 'ABI_VERSION', None)}, expected {_EXPECTED_ABI}); "
+        f"fastaccum.backends.cpu._C is a stale build (ABI {getattr(_C, 'ABI_VERSION', None)}, expected {_EXPECTED_ABI}); "
         "rebuild it with `pip install -e .`"
     )
 
-from .. import ops  # noqa: E402  (registers torch.ops.fastaccum.*; needs _C)
+from . import ops  # noqa: E402  (registers torch.ops.fastaccum.*; needs _C)
 
 _KERNEL_DTYPES = tuple(ops.DTYPE_CODES)
 # Keep seeds of the dtype groups of one call apart (golden-ratio increment).
@@ -71,6 +71,7 @@ class CpuBackend(Backend):
 
     def __init__(self) -> None:
         self._torch = TorchBackend()
+        ops.bind_threads()
 
     @staticmethod
     def isa() -> str:
@@ -132,16 +133,16 @@ class CpuBackend(Backend):
         with torch.no_grad():
             for g, idx in enumerate(groups.values()):
                 pick = lambda ts: [ts[i] for i in idx] if ts is not None else []  # noqa: E731
-                args = (
-                    pick(segs.params), pick(segs.grads), pick(segs.exp_avgs), pick(segs.exp_avg_sqs),
-                    pick(segs.max_exp_avg_sqs), pick(segs.masters), [int(segs.steps[i]) for i in idx],
-                    hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.decoupled, hp.maximize,
-                    hp.grad_scale, hp.stochastic_rounding, _group_seed(hp.seed, g),
+                tensors = dict(
+                    params=pick(segs.params), grads=pick(segs.grads), exp_avgs=pick(segs.exp_avgs),
+                    exp_avg_sqs=pick(segs.exp_avg_sqs), max_exp_avg_sqs=pick(segs.max_exp_avg_sqs),
+                    masters=pick(segs.masters), steps=[int(segs.steps[i]) for i in idx],
                 )
+                kw = {**hyper_kwargs(hp), "seed": _group_seed(hp.seed, g)}
                 if eager:
-                    ops.adam_impl(*args, check=False)  # every tensor was checked above
+                    ops.adam_impl(**tensors, **kw, check=False)  # every tensor was checked above
                 else:
-                    torch.ops.fastaccum.adam_(*args)
+                    torch.ops.fastaccum.adam_(**tensors, **kw)
             if fallback:
                 self._torch.adam_(_subset_adam(segs, fallback), hp)
 
@@ -168,16 +169,16 @@ class CpuBackend(Backend):
         with torch.no_grad():
             for g, idx in enumerate(groups.values()):
                 pick = lambda ts: [ts[i] for i in idx] if ts is not None else []  # noqa: E731
-                args = (
-                    pick(segs.params), pick(segs.grads),
-                    pick(segs.momentum_buffers) if hp.momentum != 0 else [], pick(segs.masters),
-                    [int(segs.steps[i]) for i in idx], hp.lr, hp.momentum, hp.dampening, hp.nesterov,
-                    hp.weight_decay, hp.maximize, hp.grad_scale, hp.stochastic_rounding, _group_seed(hp.seed, g),
+                tensors = dict(
+                    params=pick(segs.params), grads=pick(segs.grads),
+                    momentum_buffers=pick(segs.momentum_buffers) if hp.momentum != 0 else [],
+                    masters=pick(segs.masters), steps=[int(segs.steps[i]) for i in idx],
                 )
+                kw = {**hyper_kwargs(hp), "seed": _group_seed(hp.seed, g)}
                 if eager:
-                    ops.sgd_impl(*args, check=False)
+                    ops.sgd_impl(**tensors, **kw, check=False)
                 else:
-                    torch.ops.fastaccum.sgd_(*args)
+                    torch.ops.fastaccum.sgd_(**tensors, **kw)
             if fallback:
                 self._torch.sgd_(_subset_sgd(segs, fallback), hp)
 

@@ -1,33 +1,34 @@
-"""The C++ CPU kernels (``fastaccum._C``) as ``torch.library`` custom ops.
+"""The C++ CPU kernels (``fastaccum.backends.cpu._C``) as ``torch.library`` custom ops.
 
 Registering them as custom ops (namespace ``fastaccum``) with schemas that mark every
 mutated argument, plus fake implementations, lets ``torch.compile`` trace around them
 and lets ``torch.library.opcheck`` verify the registrations (``tests/test_cpu_backend.py``).
 
-``fastaccum._C`` takes raw pointers, so every op validates device, dtype, contiguity
+``_C`` takes raw pointers, so every op validates device, dtype, contiguity
 and sizes here before a pointer crosses into C++: a wrong tensor raises a ``TypeError`` or
 ``ValueError`` naming the argument instead of corrupting memory.
 
 Threads follow ``torch.get_num_threads()`` at each call, so ``torch.set_num_threads`` (and
 ``OMP_NUM_THREADS``) govern these kernels as they govern torch's own. When torch runs on
-OpenMP, the kernels run on torch's own OpenMP thread team (found here, bound in C++ without
-loading a second runtime): a separate pool would fight torch's spin-waiting workers for
-the cores. ``FASTACCUM_THREADS=pool`` selects the extension's own thread pool instead.
+OpenMP, the kernels run on torch's own OpenMP thread team (found by :func:`bind_threads`, bound in
+C++ without loading a second runtime): a separate pool would fight torch's spin-waiting
+workers for the cores. ``FASTACCUM_THREADS=pool`` selects the extension's own thread pool
+instead. Importing this module binds nothing: the cpu backend calls :func:`bind_threads`
+once, when it is created.
 
-Importing this module raises ``ImportError`` when ``fastaccum._C`` is missing; the cpu
-backend turns that into "backend unavailable" (see ``fastaccum/backends/cpu.py``).
+Importing this module raises ``ImportError`` when ``_C`` is missing; the cpu backend turns
+that into "backend unavailable" (see ``backend.py`` beside this file).
 """
 from __future__ import annotations
-
-from typing import List, Sequence
-
-import torch
-from torch import Tensor
 
 import math
 import os
 import sys
 from pathlib import Path
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
 
 from . import _C
 
@@ -64,17 +65,22 @@ def _loaded_openmp_runtime() -> str:
     return candidates[0] if candidates else ""
 
 
-def _bind_threads() -> str:
+#: how the kernels run their threads: "openmp" (torch's team), "pool" (the extension's),
+#: or "unbound" before the first :func:`bind_threads`
+THREADING = "unbound"
+
+
+def bind_threads() -> str:
+    """Choose the kernels' threads (torch's OpenMP team when loaded, else the own pool)."""
+    global THREADING
+    THREADING = "pool"
     if os.environ.get("FASTACCUM_THREADS", "").strip().lower() != "pool":
         path = _loaded_openmp_runtime()
         if path and _C.use_openmp_runtime(path):
-            return "openmp"
-    _C.use_openmp_runtime("")
-    return "pool"
-
-
-#: how the kernels run their threads: "openmp" (torch's team) or "pool" (the extension's)
-THREADING = _bind_threads()
+            THREADING = "openmp"
+    if THREADING == "pool":
+        _C.use_openmp_runtime("")
+    return THREADING
 
 
 def _check(t: Tensor, name: str, dtypes: Sequence[torch.dtype], numel: int = -1) -> None:
@@ -191,6 +197,7 @@ def adam_(
     max_exp_avg_sqs: List[Tensor],
     masters: List[Tensor],
     steps: List[int],
+    *,
     lr: float,
     beta1: float,
     beta2: float,
@@ -198,7 +205,7 @@ def adam_(
     weight_decay: float,
     decoupled: bool,
     maximize: bool,
-    grad_scale: float,
+    grad_multiplier: float,
     stochastic_rounding: bool,
     seed: int,
 ) -> None:
@@ -207,12 +214,13 @@ def adam_(
     ``max_exp_avg_sqs`` / ``masters`` are empty lists when amsgrad is off / there are no
     master weights. One call takes one param dtype and one state dtype.
     """
-    adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, beta1, beta2, eps,
-              weight_decay, decoupled, maximize, grad_scale, stochastic_rounding, seed)
+    adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr=lr, beta1=beta1,
+              beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, maximize=maximize,
+              grad_multiplier=grad_multiplier, stochastic_rounding=stochastic_rounding, seed=seed)
 
 
-def adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, beta1, beta2, eps,
-              weight_decay, decoupled, maximize, grad_scale, stochastic_rounding, seed, check: bool = True) -> None:
+def adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, *, lr, beta1, beta2, eps,
+              weight_decay, decoupled, maximize, grad_multiplier, stochastic_rounding, seed, check: bool = True) -> None:
     """The kernel call behind ``fastaccum::adam_``; ``check=False`` skips the argument checks
     for a caller that has made them (the cpu backend, whose routing checks every tensor)."""
     numels = [p.numel() for p in params]
@@ -236,16 +244,19 @@ def adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, st
                 raise TypeError(f"fastaccum cpu kernels: {name} is {ts[0].dtype} but exp_avgs is {state_dtype}; "
                                 "all moments of one call share a dtype")
     _C.adam(
-        _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _ptrs(max_exp_avg_sqs), _ptrs(masters),
-        numels, [int(s) for s in steps], DTYPE_CODES[params[0].dtype], DTYPE_CODES[state_dtype],
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(maximize),
-        float(grad_scale), bool(stochastic_rounding), int(seed) & _SEED_MASK, torch.get_num_threads(),
+        params=_ptrs(params), grads=_ptrs(grads), exp_avgs=_ptrs(exp_avgs), exp_avg_sqs=_ptrs(exp_avg_sqs),
+        max_exp_avg_sqs=_ptrs(max_exp_avg_sqs), masters=_ptrs(masters), numels=numels,
+        steps=[int(s) for s in steps], param_dtype=DTYPE_CODES[params[0].dtype],
+        state_dtype=DTYPE_CODES[state_dtype], lr=float(lr), beta1=float(beta1), beta2=float(beta2),
+        eps=float(eps), weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
+        grad_multiplier=float(grad_multiplier), stochastic_rounding=bool(stochastic_rounding),
+        seed=int(seed) & _SEED_MASK, nthreads=torch.get_num_threads(),
     )
 
 
 @adam_.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, lr, beta1, beta2, eps,
-      weight_decay, decoupled, maximize, grad_scale, stochastic_rounding, seed) -> None:
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, *, lr, beta1, beta2, eps,
+      weight_decay, decoupled, maximize, grad_multiplier, stochastic_rounding, seed) -> None:
     return None
 
 
@@ -258,23 +269,25 @@ def sgd_(
     momentum_buffers: List[Tensor],
     masters: List[Tensor],
     steps: List[int],
+    *,
     lr: float,
     momentum: float,
     dampening: float,
     nesterov: bool,
     weight_decay: float,
     maximize: bool,
-    grad_scale: float,
+    grad_multiplier: float,
     stochastic_rounding: bool,
     seed: int,
 ) -> None:
     """One fused SGD(+momentum) pass; ``momentum_buffers`` (fp32) is empty when momentum == 0."""
-    sgd_impl(params, grads, momentum_buffers, masters, steps, lr, momentum, dampening, nesterov, weight_decay,
-             maximize, grad_scale, stochastic_rounding, seed)
+    sgd_impl(params, grads, momentum_buffers, masters, steps, lr=lr, momentum=momentum, dampening=dampening,
+             nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, grad_multiplier=grad_multiplier,
+             stochastic_rounding=stochastic_rounding, seed=seed)
 
 
-def sgd_impl(params, grads, momentum_buffers, masters, steps, lr, momentum, dampening, nesterov, weight_decay,
-             maximize, grad_scale, stochastic_rounding, seed, check: bool = True) -> None:
+def sgd_impl(params, grads, momentum_buffers, masters, steps, *, lr, momentum, dampening, nesterov, weight_decay,
+             maximize, grad_multiplier, stochastic_rounding, seed, check: bool = True) -> None:
     """The kernel call behind ``fastaccum::sgd_`` (``check`` as in :func:`adam_impl`)."""
     numels = [p.numel() for p in params]
     if check:
@@ -289,14 +302,17 @@ def sgd_impl(params, grads, momentum_buffers, masters, steps, lr, momentum, damp
     if not params:
         return
     _C.sgd(
-        _ptrs(params), _ptrs(grads), _ptrs(momentum_buffers) if momentum != 0 else [], _ptrs(masters), numels,
-        [int(s) for s in steps], DTYPE_CODES[params[0].dtype], float(lr), float(momentum), float(dampening),
-        bool(nesterov), float(weight_decay), bool(maximize), float(grad_scale), bool(stochastic_rounding),
-        int(seed) & _SEED_MASK, torch.get_num_threads(),
+        params=_ptrs(params), grads=_ptrs(grads),
+        momentum_buffers=_ptrs(momentum_buffers) if momentum != 0 else [], masters=_ptrs(masters),
+        numels=numels, steps=[int(s) for s in steps], param_dtype=DTYPE_CODES[params[0].dtype], lr=float(lr),
+        momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
+        weight_decay=float(weight_decay), maximize=bool(maximize), grad_multiplier=float(grad_multiplier),
+        stochastic_rounding=bool(stochastic_rounding), seed=int(seed) & _SEED_MASK,
+        nthreads=torch.get_num_threads(),
     )
 
 
 @sgd_.register_fake
-def _(params, grads, momentum_buffers, masters, steps, lr, momentum, dampening, nesterov, weight_decay, maximize,
-      grad_scale, stochastic_rounding, seed) -> None:
+def _(params, grads, momentum_buffers, masters, steps, *, lr, momentum, dampening, nesterov, weight_decay, maximize,
+      grad_multiplier, stochastic_rounding, seed) -> None:
     return None

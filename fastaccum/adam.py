@@ -1,0 +1,130 @@
+"""Adam and AdamW: group checks, the state they keep, a group's hyper-parameters.
+
+The update itself is :func:`fastaccum.reference.adam_math` (and the kernels that match it).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .backends import AdamHyper, AdamSegments
+from .buffers import Bucket
+from .checks import as_float, check_betas, check_nonneg
+from .optimizer import AccumOptimizer
+from .scaling import LossScaleArg
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(AccumOptimizer):
+    """Adam with flat fp32 accumulation and a fused update (``decoupled_weight_decay=True`` is AdamW).
+
+    Same arguments and defaults as :class:`torch.optim.Adam`, plus the keyword-only fastaccum
+    extras of :class:`AccumOptimizer`. ``foreach``/``fused`` are accepted for drop-in use and
+    ignored: the update is always one fused pass.
+    """
+
+    _decoupled_default = False
+    _kernel = "adam_"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Union[float, Tensor] = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: Optional[bool] = None,
+        accumulation_steps: int = 1,
+        max_grad_norm: Optional[float] = None,
+        loss_scale: LossScaleArg = None,
+        master_weights: bool = True,
+        state_dtype: torch.dtype = torch.float32,
+        backend: Optional[str] = "auto",
+        step_in_backward: bool = False,
+    ) -> None:
+        if capturable or differentiable:
+            raise ValueError("capturable=True and differentiable=True are not supported by fastaccum; "
+                             "use torch.optim.Adam for CUDA-graph capture or differentiable optimizers")
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._decoupled_default
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=False, differentiable=False, fused=fused,
+            decoupled_weight_decay=bool(decoupled_weight_decay),
+        )
+        super().__init__(
+            params, defaults, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
+            loss_scale=loss_scale, master_weights=master_weights, state_dtype=state_dtype, backend=backend,
+            step_in_backward=step_in_backward,
+        )
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        check_nonneg("lr", group["lr"])
+        check_betas(group["betas"])
+        eps = as_float("eps", group["eps"])
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"Invalid epsilon value: {eps}; eps must be a finite number > 0 (e.g. 1e-8)")
+        check_nonneg("weight_decay", group["weight_decay"])
+
+    def _state_spec(self, group: Dict[str, Any]) -> List[Tuple[str, torch.dtype]]:
+        spec = [("exp_avg", self.state_dtype), ("exp_avg_sq", self.state_dtype)]
+        if group["amsgrad"]:
+            spec.append(("max_exp_avg_sq", self.state_dtype))
+        return spec
+
+    def _segments(self, bucket: Bucket, idx: Sequence[int], views: Dict[str, List[Tensor]],
+                  grads: List[Tensor], steps: List[int]) -> AdamSegments:
+        pick = lambda name: [views[name][i] for i in idx] if name in views else None  # noqa: E731
+        return AdamSegments(
+            params=[bucket.params[i] for i in idx], grads=grads, exp_avgs=pick("exp_avg"),
+            exp_avg_sqs=pick("exp_avg_sq"), max_exp_avg_sqs=pick("max_exp_avg_sq"), masters=pick("master_param"),
+            steps=steps,
+        )
+
+    def _hyper(self, group: Dict[str, Any], grad_multiplier: float, stochastic_rounding: bool, seed: int) -> AdamHyper:
+        beta1, beta2 = check_betas(group["betas"])
+        return AdamHyper(
+            lr=as_float("lr", group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]), decoupled=bool(group["decoupled_weight_decay"]),
+            maximize=bool(group["maximize"]), grad_multiplier=grad_multiplier,
+            stochastic_rounding=stochastic_rounding, seed=seed,
+        )
+
+
+class AdamW(Adam):
+    """AdamW (decoupled weight decay, default 1e-2), like :class:`torch.optim.AdamW`."""
+
+    _decoupled_default = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Union[float, Tensor] = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        **extras: Any,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+            **extras,
+        )
