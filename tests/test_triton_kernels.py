@@ -372,21 +372,27 @@ def _from_bits(words):
 
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_bf16_rounding_keeps_nan_and_inf(stochastic):
-    """NaN master values written into bf16 params (nearest-even) or bf16 moments (stochastic)."""
+    """fp32 NaNs of any payload, and infs, rounded into bf16: nearest-even (bf16 params from
+    their fp32 master) and stochastic (bf16 exp_avg from an fp32 gradient, inf check off so the
+    update runs)."""
     specials = torch.cat([_from_bits(NAN_PAYLOADS), torch.tensor([float("inf"), -float("inf"), 3.4e38, -0.0, 1.0])])
     n = specials.numel()
-    if stochastic:  # fp32 param, bf16 moments: exp_avg_sq = v * beta2 + 0 keeps NaN/inf
-        a = Bucket((n,), torch.float32, torch.bfloat16, seed=2)
-        a.v[:n] = specials.to(DEVICE)  # the bf16 cast of a NaN keeps it a NaN
-    else:  # bf16 param with an fp32 master holding the specials
-        a = Bucket((n,), torch.bfloat16, torch.float32, master=True, seed=2)
-        a.master[:n] = specials.to(DEVICE)
     steps = torch.zeros(1, device=DEVICE)
     window = K.new_window_state(DEVICE)
-    table = K.SegmentTable.build(a.params, a.offsets, a.numels, [0], [False], [0])  # stale: zero gradient
-    _kernel_step(a, table, steps, window, hp=dict(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                                                  decoupled=True, seed=3))
-    out = (a.v[:n] if stochastic else a.params[0]).float().cpu()
+    hp = dict(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, seed=3)
+    if stochastic:  # exp_avg = m + 0.1 * (g - m): NaN payloads and infs of g carry through the math
+        a = Bucket((n,), torch.float32, torch.bfloat16, seed=2)
+        a.m.zero_()
+        a.grad[:n] = specials.to(DEVICE)
+        fresh = [True]
+    else:  # bf16 param with an fp32 master holding the specials, zero gradient
+        a = Bucket((n,), torch.bfloat16, torch.float32, master=True, seed=2)
+        a.master[:n] = specials.to(DEVICE)
+        fresh = [False]
+    table = K.SegmentTable.build(a.params, a.offsets, a.numels, [0], fresh, [0])
+    K.finalize(None, window, steps, K.step_index_for([table], DEVICE), check_finite=False)
+    K.adam_(table, a.grad, a.m, a.v, None, a.master, steps, window, **hp)
+    out = (a.m[:n] if stochastic else a.params[0]).float().cpu()
     k = len(NAN_PAYLOADS)
     assert torch.isnan(out[:k]).all(), out[:k]
     assert out[k] == float("inf") and out[k + 1] == -float("inf")

@@ -297,7 +297,7 @@ def _powi(base, e):
 
 # ================================================================== kernels
 @triton.jit
-def _sumsq_kernel(seg_ptr, tile_ptr, grad_ptr, partials_ptr, partial_base, BLOCK: tl.constexpr):
+def _sumsq_kernel(seg_ptr, tile_ptr, grad_ptr, partials_ptr, partial_base: tl.int64, BLOCK: tl.constexpr):
     """Per tile: sum of squares of a fresh segment's gradient (0 for a stale one). No atomics:
     finalize adds the partials in a fixed order. inf/nan propagate: this is the inf check."""
     row, flat, exact, padded, idx, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
@@ -306,11 +306,12 @@ def _sumsq_kernel(seg_ptr, tile_ptr, grad_ptr, partials_ptr, partial_base, BLOCK
     tl.store(partials_ptr + partial_base + tl.program_id(0).to(tl.int64), tl.sum(g * g, axis=0))
 
 
-@triton.jit
-def _finalize_kernel(partials_ptr, n_partials, window_ptr, steps_ptr, step_index_ptr, n_step_index,
+@triton.jit(do_not_specialize=["has_ext_scale", "has_found_inf", "divisor_from_ptr", "check_finite", "dynamic"])
+def _finalize_kernel(partials_ptr, n_partials: tl.int64, window_ptr, steps_ptr, step_index_ptr, n_step_index: tl.int64,
                      ext_scale_ptr, found_inf_ptr, divisor_ptr, divisor: tl.float64, max_norm: tl.float64,
-                     growth_factor: tl.float64, backoff_factor: tl.float64, growth_interval,
-                     has_ext_scale, has_found_inf, divisor_from_ptr, check_finite, dynamic,
+                     growth_factor: tl.float64, backoff_factor: tl.float64, growth_interval: tl.float64,
+                     has_ext_scale: tl.int32, has_found_inf: tl.int32, divisor_from_ptr: tl.int32,
+                     check_finite: tl.int32, dynamic: tl.int32,
                      BLOCK: tl.constexpr):
     """One program for the whole optimizer: the norm, skip, multiplier, loss scale and step counts."""
     acc = tl.zeros([BLOCK], tl.float64)  # fp64: the sum of ~1e5 partials stays exact to fp32
@@ -369,10 +370,12 @@ def _hyper_lr(lr_ptr, lr, lr_from_ptr):
     return lr
 
 
-@triton.jit
+# Runtime flags are not specialised (Triton would compile a variant per flag == 1): they are
+# uniform branches, free next to the memory traffic, and keep the variant list small.
+@triton.jit(do_not_specialize=["lr_from_ptr", "decoupled", "maximize", "seed"])
 def _adam_kernel(seg_ptr, tile_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr, steps_ptr, window_ptr, lr_ptr,
                  lr: tl.float64, beta1: tl.float64, beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
-                 lr_from_ptr, decoupled, maximize, seed,
+                 lr_from_ptr: tl.int32, decoupled: tl.int32, maximize: tl.int32, seed: tl.int32,
                  P_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr, P_MODE: tl.constexpr,
                  S_MODE: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(window_ptr + 6) != 0.0:  # finalize decided to skip: nothing changes
@@ -431,10 +434,10 @@ def _adam_kernel(seg_ptr, tile_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr
     _round_store(p_ptr, idx, exact, p, r3, P_MODE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lr_from_ptr", "nesterov", "maximize", "seed"])
 def _sgd_kernel(seg_ptr, tile_ptr, grad_ptr, buf_ptr, master_ptr, steps_ptr, window_ptr, lr_ptr,
                 lr: tl.float64, momentum: tl.float64, dampening: tl.float64, weight_decay: tl.float64,
-                lr_from_ptr, nesterov, maximize, seed,
+                lr_from_ptr: tl.int32, nesterov: tl.int32, maximize: tl.int32, seed: tl.int32,
                 P_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MOMENTUM: tl.constexpr, P_MODE: tl.constexpr,
                 S_MODE: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(window_ptr + 6) != 0.0:
@@ -473,7 +476,7 @@ def _sgd_kernel(seg_ptr, tile_ptr, grad_ptr, buf_ptr, master_ptr, steps_ptr, win
 
 
 @triton.jit
-def _accumulate_kernel(dst_ptr, src_ptr, n, alpha, sumsq_ptr, WITH_SUMSQ: tl.constexpr, BLOCK: tl.constexpr):
+def _accumulate_kernel(dst_ptr, src_ptr, n: tl.int64, alpha: tl.float32, sumsq_ptr, WITH_SUMSQ: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
@@ -589,7 +592,7 @@ def finalize(partials: Optional[Tensor], window: Tensor, steps: Tensor, step_ind
                 window if grad_scale is None else grad_scale, window if found_inf is None else found_inf,
                 window if div_t is None else div_t,
                 1.0 if div_t is not None else float(weight_divisor), float(max_norm or 0.0),
-                float(growth_factor), float(backoff_factor), int(growth_interval),
+                float(growth_factor), float(backoff_factor), float(growth_interval),
                 int(grad_scale is not None), int(found_inf is not None), int(div_t is not None),
                 int(check_finite), int(dynamic))
 
