@@ -111,7 +111,7 @@ def test_bench_plot_is_a_real_png(quick_bench):
 
 def run_inproc(capsys, *args: str):
     """``main(args)`` in this process: same code path as the console script, without a torch import each."""
-    from fastaccum.cli import main
+    from fastaccum.tools.cli import main
 
     try:
         rc = main(list(args))

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from fastaccum import plan as P
+from fastaccum.tools import plan as P
 from test_cli import run_cli, run_inproc
 
 TINY = textwrap.dedent(

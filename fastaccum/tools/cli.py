@@ -45,7 +45,7 @@ def _positive_int(name: str) -> Any:
 
 
 def _count(name: str) -> Any:
-    from .benchmark import parse_count
+    from .units import parse_count
 
     def conv(text: str) -> int:
         try:
@@ -57,7 +57,7 @@ def _count(name: str) -> Any:
 
 
 def _count_list(text: str) -> List[int]:
-    from .benchmark import parse_count
+    from .units import parse_count
 
     out = []
     for part in text.split(","):
@@ -130,7 +130,7 @@ def _add_bench(sub: Any) -> None:
         description="Time one optimizer step and one full accumulation cycle (N micro-batches + loss scale + "
                     "clip + step) of fastaccum (every available backend) vs torch.optim.AdamW for-loop/foreach/fused "
                     "and DeepSpeed's CPU Adam when importable, with the streaming bandwidth measured in the same run. "
-                    "GB/s counts the bytes/param of each row's algorithm (see fastaccum/benchmark.py).",
+                    "GB/s counts the bytes/param of each row's algorithm (see fastaccum/tools/bench.py).",
     )
     p.add_argument("--params", type=_count_list, default=None,
                    help="comma-separated parameter counts, e.g. 1M,10M,100M (default; --quick: 1M,4M)")
@@ -167,7 +167,7 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from . import benchmark as B
+    from . import bench as B
 
     device = _device(args.device)
     for path, what in ((args.json, "--json"), (args.plot, "--plot")):
@@ -246,7 +246,7 @@ BENCH_HEADERS = ["impl", "mode", "dtype", "params", "B/param", "ms median [min-m
 
 
 def _fmt_count(n: int) -> str:
-    from .benchmark import format_count
+    from .units import format_count
 
     return format_count(n)
 
@@ -326,88 +326,13 @@ def _add_plan(sub: Any) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def _load_input_fn(args: argparse.Namespace, model: Any) -> Any:
-    from .plan import PlanError, load_factory
-
-    if args.input:
-        try:
-            return load_factory(args.input)
-        except PlanError as e:
-            raise CliError(str(e).replace("--model", "--input")) from None
-    fn = getattr(model, "example_input", None)
-    if not callable(fn):
-        raise CliError("--measure needs the model's input: pass --input module:fn (fn(batch_size) -> tensor) or "
-                       "give the module an example_input(batch_size) method")
-    return fn
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from . import plan as P
 
-    if args.measure and not args.model:
-        raise CliError("--measure runs a real model: give --model module:factory")
-    if args.input and not args.measure:
-        raise CliError("--input is only used with --measure; add --measure or drop --input")
     device = _device(args.device) if (args.measure or not args.memory) else None
-    if args.model:
-        model = P.build_model(args.model)
-        spec = P.spec_from_module(model, args.model)
-        for k in ("layers", "hidden", "seq_len", "vocab", "heads"):
-            if getattr(args, k) is not None:
-                setattr(spec, k, getattr(args, k))
-        if args.params is not None:
-            raise CliError("--params and --model both give the parameter count; drop --params")
-    else:
-        if args.params is None and not (args.layers and args.hidden):
-            raise CliError("give the model: --params N (with --layers --hidden --seq-len for activations), "
-                           "--layers/--hidden/--seq-len/--vocab, or --model module:factory")
-        params = args.params if args.params is not None else P.gpt_param_count(
-            args.layers, args.hidden, args.vocab or 0, args.seq_len or 0)
-        largest = None
-        if args.hidden:
-            largest = max(4 * args.hidden * args.hidden, (args.vocab or 0) * args.hidden)
-        spec = P.ModelSpec(params=params, layers=args.layers, hidden=args.hidden, seq_len=args.seq_len,
-                           vocab=args.vocab, heads=args.heads, largest_tensor=largest,
-                           source="--params" if args.params is not None else "GPT-2 count from the shape")
-    if args.memory:
-        memory, source = P.parse_memory(args.memory), "--memory"
-    else:
-        memory, source = P.device_free_memory(device)
-    if not args.measure and not spec.has_shape():
-        raise CliError("activation memory needs --layers, --hidden and --seq-len (or --measure with --model)")
-    measured = None
-    if args.measure:
-        import torch
-
-        real = P.build_model(args.model, device=device)
-        make_input = _load_input_fn(args, real)
-        usable = int(memory * (1 - args.headroom))
-        mode = next(m for m in P.MODES if m.key == ("fastaccum-fp32" if args.dtype == "fp32" else "fastaccum-bf16-master"))
-        static = spec.params * mode.static_per_param
-        if static >= usable:
-            raise CliError(f"--memory {P.fmt_bytes(memory)}: the {P.fmt_bytes(static)} of parameters, buffers and "
-                           f"optimizer state of {mode.label} leave nothing for activations; give more memory")
-
-        def wrapped(b: int) -> Any:
-            try:
-                return make_input(b)
-            except Exception as e:  # noqa: BLE001 - user code: report, do not crash
-                raise CliError(f"--measure: the input function raised {type(e).__name__}: {e}") from None
-
-        try:
-            measured = P.measure_activations(real, wrapped, device, usable, static_bytes=static)
-        except (RuntimeError, TypeError, ValueError) as e:
-            if isinstance(e, P.PlanError):
-                raise
-            raise CliError(f"--measure: running the model failed: {type(e).__name__}: {e}") from None
-        del real
-        if device is not None and device.type == "cuda":
-            torch.cuda.empty_cache()
-    result = P.plan(P.PlanInput(
-        spec=spec, memory_bytes=memory, memory_source=source, target_batch=args.batch, target_tokens=args.tokens,
-        devices=args.devices, headroom=args.headroom, attention=args.attention, beta2=args.beta2,
-        beta2_batch=args.beta2_batch, dtype=args.dtype, measured=measured,
-    ))
+    opts = P.PlanOptions(**{k: getattr(args, k) for k in P.PlanOptions.__dataclass_fields__ if k != "device"},
+                         device=device)
+    result = P.make_plan(opts)
     print_plan(result)
     if args.json:
         with open(args.json, "w") as f:
@@ -419,7 +344,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def print_plan(res: Dict[str, Any]) -> None:
-    from .plan import fmt_bytes
+    from .units import fmt_bytes
 
     m, mem, tgt, act, rec = res["model"], res["memory"], res["target"], res["activations"], res["recommendation"]
     shape = " ".join(f"{k}={m[k]}" for k in ("layers", "hidden", "seq_len", "vocab", "heads") if m[k])
@@ -486,9 +411,9 @@ def print_plan(res: Dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastaccum", description="fastaccum: exact, fused gradient accumulation for PyTorch.")
-    from . import __version__
+    import fastaccum
 
-    parser.add_argument("--version", action="version", version=f"fastaccum {__version__}")
+    parser.add_argument("--version", action="version", version=f"fastaccum {fastaccum.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{bench,plan}", parser_class=_Parser)
     _add_bench(sub)
     _add_plan(sub)

@@ -59,8 +59,6 @@ much as they do in a real model.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import json
 import math
 import os
@@ -73,6 +71,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 from torch import Tensor
+
+from .memory import MemoryProbe, available_memory, held_bytes, release_free_memory  # noqa: F401 (re-exported for bench/)
+from .units import format_count, parse_count  # noqa: F401 (re-exported for bench/)
 
 SCHEMA = "fastaccum.bench/1"
 
@@ -87,36 +88,6 @@ REFERENCE_IMPL = "torch-fused"
 
 
 # ----------------------------------------------------------------------------- sizes
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
-
-
-def parse_count(text: str) -> int:
-    """``"10M"`` -> 10_000_000. Suffixes k/K, m/M, g/G/b/B (billion); underscores allowed."""
-    s = str(text).strip().replace("_", "")
-    if not s:
-        raise ValueError("empty parameter count")
-    suffix = s[-1].lower() if s[-1].isalpha() else ""
-    number = s[:-1] if suffix else s
-    if suffix not in _SUFFIX:
-        raise ValueError(f"unknown suffix {s[-1]!r} in {text!r}; use k, M or B (e.g. 10M)")
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number (e.g. 10M, 2.5e6)") from None
-    n = value * _SUFFIX[suffix]
-    if not math.isfinite(n) or n < 1 or n != int(n):
-        raise ValueError(f"{text!r} must be a whole number >= 1")
-    return int(n)
-
-
-def format_count(n: float) -> str:
-    for div, suf in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            v = n / div
-            return f"{v:.0f}{suf}" if v == int(v) else f"{v:.3g}{suf}"
-    return f"{n:.0f}"
-
-
 def param_shapes(n: int) -> List[Tuple[int, ...]]:
     """Shapes of ``n`` parameters laid out like GPT blocks plus an embedding-like remainder."""
     if n < 1:
@@ -188,94 +159,6 @@ def bytes_per_param(impl: str, dtype: str, mode: str, accum: int = 1) -> Tuple[i
         total = produce + acc + 2 * e + 3 * e + step
         note = f"{n}x produce {2 * e} + {n - 1}x accumulate {3 * e} + unscale {2 * e} + clip {3 * e} + step {step}"
     return total, note
-
-
-# ----------------------------------------------------------------------- memory probes
-def _proc_status() -> Dict[str, int]:
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def current_rss() -> Optional[int]:
-    """Resident set size of this process in bytes (Linux /proc), or None elsewhere."""
-    return _proc_status().get("VmRSS")
-
-
-def peak_rss() -> int:
-    """Peak RSS since :func:`reset_peak_rss` (Linux), else the process-lifetime peak."""
-    hwm = _proc_status().get("VmHWM")
-    if hwm is not None:
-        return hwm
-    import resource  # ru_maxrss: KiB on Linux, bytes on macOS
-
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, ``clear_refs`` 5); False when unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def release_free_memory(full_gc: bool = False) -> None:
-    """Give freed heap memory back to the OS so RSS baselines are not inflated by earlier rows.
-
-    glibc keeps freed chunks below its (dynamic) mmap threshold in the heap; ``malloc_trim``
-    returns them. It changes no allocation behaviour of the code being measured. A full
-    ``gc.collect()`` costs ~0.2 s with torch loaded, so by default only the young generations.
-    """
-    gc.collect() if full_gc else gc.collect(1)
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
-class MemoryProbe:
-    """Peak memory added between :meth:`start` and :meth:`stop`: CUDA allocator stats, else peak RSS."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            release_free_memory()
-            self.base = current_rss() or 0
-            reset_peak_rss()
-
-    def stop(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
-        return max(0, peak_rss() - self.base)
-
-
-def held_bytes(tensors: Iterable[Optional[Tensor]]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views into one flat buffer count once)."""
-    seen: Dict[Tuple[str, int], int] = {}
-    for t in tensors:
-        if isinstance(t, Tensor) and t.numel() > 0:
-            st = t.untyped_storage()
-            seen[(str(t.device), st.data_ptr())] = st.nbytes()
-    return sum(seen.values())
 
 
 # ------------------------------------------------------------------- bandwidth (STREAM)
@@ -417,7 +300,7 @@ def fastaccum_backends(device: torch.device) -> List[str]:
         return []
     if not hasattr(fastaccum, "AdamW"):
         return []
-    return list(fastaccum.backends.available_backends(device))
+    return list(fastaccum.available_backends(device))
 
 
 def implementations(device: torch.device) -> List[Tuple[str, Optional[str]]]:
@@ -531,21 +414,57 @@ class Runner:
         self.grad_sets = []
 
 
+class Timed:
+    """What :func:`time_rounds` times: ``prepare()`` untimed, then ``run()`` timed (a
+    :class:`Runner`, or any object with these two methods)."""
+
+    def prepare(self) -> None: ...
+
+    def run(self) -> None: ...
+
+
+ROW_ERRORS = (RuntimeError, ValueError)
+
+
+def time_rounds(items: Dict[str, Any], rounds: int, warmup: int = 0, device: Optional[torch.device] = None,
+                errors: Optional[Dict[str, str]] = None, clock: Callable[[], float] = time.perf_counter,
+                ) -> Dict[str, List[float]]:
+    """The one timing loop of the harness: seconds of ``run()`` per item, ``rounds`` rounds.
+
+    Every round times each item once (``prepare()`` untimed before it), round-robin with the
+    order rotated each round, so slow drifts of a shared machine hit every item alike; one
+    item is the plain sequential case. ``warmup`` untimed rounds first. An item whose
+    ``prepare``/``run`` raises a RuntimeError or ValueError is dropped and its message
+    recorded in ``errors`` (one implementation refusing a dtype is a row error, not a crash).
+    """
+    sync = _sync(torch.device(device)) if device is not None else (lambda: None)
+    times: Dict[str, List[float]] = {name: [] for name in items}
+    order = list(items)
+    for k in range(warmup + rounds):
+        shift = k % len(order) if order else 0
+        for name in order[shift:] + order[:shift]:
+            it = items[name]
+            try:
+                it.prepare()
+                sync()
+                t0 = clock()
+                it.run()
+                sync()
+                dt = clock() - t0
+            except ROW_ERRORS as e:
+                if errors is None:
+                    raise
+                errors[name] = f"{type(e).__name__}: {e}"
+                order.remove(name)
+                continue
+            if k >= warmup:
+                times[name].append(dt)
+    return times
+
+
 def time_runner(runner: Runner, repeats: int, warmup: int = 1) -> List[float]:
     """Milliseconds of ``repeats`` timed runs after ``warmup`` untimed ones (prepare() untimed)."""
-    sync = _sync(runner.device)
-    for _ in range(warmup):
-        runner.prepare()
-        runner.run()
-    times = []
-    for _ in range(repeats):
-        runner.prepare()
-        sync()
-        t0 = time.perf_counter()
-        runner.run()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return [t * 1e3 for t in time_rounds({"r": runner}, repeats, warmup, runner.device)["r"]]
 
 
 # ------------------------------------------------------------------------------ rows
@@ -601,17 +520,6 @@ def _est_bytes(impl: str, n: int, dtype: str) -> int:
     return n * 4 * e
 
 
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 1024**3
-
-
 def run_group(impls: Sequence[Tuple[str, Optional[str]]], n: int, dtype: str, mode: str, accum: int,
               device: torch.device, repeats: int, warmup: int, on_row: Callable[[], None] = lambda: None,
               interleave: Optional[bool] = None) -> Tuple[List[Row], str]:
@@ -636,7 +544,7 @@ def run_group(impls: Sequence[Tuple[str, Optional[str]]], n: int, dtype: str, mo
     sets = min(accum, 2) if mode == "cycle" else 1
     need = sum(_est_bytes(name, n, dtype) for name in live) + sets * n * (4 if dtype == "fp32" else 2)
     if interleave is None:
-        interleave = device.type != "cpu" or need < 0.5 * _mem_available()
+        interleave = device.type != "cpu" or need < 0.5 * available_memory()
     schedule = "interleaved" if interleave else "sequential"
     probe = MemoryProbe(device)
     params0 = make_params(n, DTYPES[dtype], device)
@@ -665,29 +573,15 @@ def run_group(impls: Sequence[Tuple[str, Optional[str]]], n: int, dtype: str, mo
         rows[name].skipped_steps = getattr(r.opt, "skipped_steps", None)
         r.close()
 
+    errors: Dict[str, str] = {}
     if interleave:
         runners = {}
         for name in live:
             r = build(name)
             if r is not None:
                 runners[name] = r
-        sync = _sync(device)
-        order = list(runners)
-        for k in range(repeats):
-            rot = order[k % len(order):] + order[: k % len(order)] if order else []
-            for name in rot:
-                r = runners[name]
-                try:
-                    r.prepare()
-                    sync()
-                    t0 = time.perf_counter()
-                    r.run()
-                    sync()
-                except (RuntimeError, ValueError) as e:
-                    rows[name].status, rows[name].reason = "error", f"{type(e).__name__}: {e}"
-                    order.remove(name)
-                    continue
-                rows[name].times_ms.append((time.perf_counter() - t0) * 1e3)
+        for name, ts in time_rounds(runners, repeats, 0, device, errors).items():
+            rows[name].times_ms = [t * 1e3 for t in ts]
         on_row()
         for name, r in runners.items():
             retire(name, r)
@@ -696,14 +590,14 @@ def run_group(impls: Sequence[Tuple[str, Optional[str]]], n: int, dtype: str, mo
         for name in live:
             r = build(name)
             if r is not None:
-                try:
-                    rows[name].times_ms = time_runner(r, repeats, warmup=0)
-                except (RuntimeError, ValueError) as e:
-                    rows[name].status, rows[name].reason = "error", f"{type(e).__name__}: {e}"
+                ts = time_rounds({name: r}, repeats, 0, device, errors)[name]
+                rows[name].times_ms = [t * 1e3 for t in ts]
                 retire(name, r)
                 del r
             release_free_memory()
         on_row()
+    for name, why in errors.items():
+        rows[name].status, rows[name].reason = "error", why
     for row in rows.values():
         if row.status == "ok" and not row.times_ms:
             row.status = "error"

@@ -54,9 +54,13 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import units as _units
+from .memory import MemoryProbe, release_free_memory
+from .memory import device_free_memory as _device_free_memory
+from .units import fmt_bytes
 
 KORTHIKANTI = "Korthikanti et al. 2022, eq. (2), https://arxiv.org/abs/2205.05198"
 MAREK = "Marek et al. 2025 (https://arxiv.org/abs/2507.07101)"
@@ -67,38 +71,12 @@ class PlanError(ValueError):
 
 
 # --------------------------------------------------------------------------- units
-_MEM_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-
-
 def parse_memory(text: str, arg: str = "--memory") -> int:
     """``"6GB"`` -> 6_000_000_000 (SI), ``"6GiB"`` -> 6 * 2**30 (binary); a bare number is bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not m:
-        if str(text).strip().startswith("-"):
-            raise PlanError(f"{arg} {text!r}: memory must be > 0 (e.g. 6GB)")
-        raise PlanError(f"{arg} {text!r} is not a size; write a number and a unit, e.g. 6GB, 512MiB")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    if unit not in _MEM_UNITS:
-        raise PlanError(f"{arg} {text!r}: unknown unit {m.group(2)!r}; use B, KB, MB, GB, TB (powers of 1000) "
-                        "or KiB, MiB, GiB, TiB (powers of 1024)")
-    n = int(value * _MEM_UNITS[unit])
-    if n <= 0:
-        raise PlanError(f"{arg} {text!r}: memory must be > 0 (e.g. 6GB)")
-    return n
-
-
-def fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= div:
-            v = n / div
-            return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
-    return f"{n:.0f} B"
+    try:
+        return _units.parse_memory(text, arg)
+    except _units.UnitError as e:
+        raise PlanError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- model
@@ -476,8 +454,6 @@ def measure_activations(model: Any, make_input: Callable[[int], Any], device: An
     """
     import torch
 
-    from .benchmark import MemoryProbe, release_free_memory
-
     device = torch.device(device)
     model.to(device).train()
     probe = MemoryProbe(device)
@@ -586,18 +562,123 @@ def measure_activations(model: Any, make_input: Callable[[int], Any], device: An
 
 
 def device_free_memory(device: Any) -> Tuple[int, str]:
-    """Free memory of ``device``: CUDA ``mem_get_info``; CPU ``MemAvailable`` of /proc/meminfo."""
+    """Free memory of ``device`` (see :func:`fastaccum.tools.memory.device_free_memory`)."""
+    free, source = _device_free_memory(device)
+    if free is None:
+        raise PlanError("cannot read the free memory of this machine; pass --memory (e.g. --memory 16GB)")
+    return free, source
+
+
+# ----------------------------------------------------------------- the command
+@dataclass
+class PlanOptions:
+    """Everything ``fastaccum plan`` takes, as parsed (no arithmetic done yet)."""
+
+    memory: Optional[str] = None  # as typed, e.g. "6GB"; None: free memory of ``device``
+    params: Optional[int] = None
+    layers: Optional[int] = None
+    hidden: Optional[int] = None
+    seq_len: Optional[int] = None
+    vocab: Optional[int] = None
+    heads: Optional[int] = None
+    model: Optional[str] = None  # module:factory
+    input: Optional[str] = None  # module:fn, for --measure
+    measure: bool = False
+    device: Any = None  # torch.device for --measure and the default --memory
+    headroom: float = 0.10
+    batch: Optional[int] = None
+    tokens: Optional[int] = None
+    devices: int = 1
+    dtype: str = "bf16"
+    attention: str = "flash"
+    beta2: float = 0.999
+    beta2_batch: Optional[int] = None
+
+
+def _input_fn(opts: PlanOptions, model: Any) -> Callable[[int], Any]:
+    if opts.input:
+        try:
+            return load_factory(opts.input)
+        except PlanError as e:
+            raise PlanError(str(e).replace("--model", "--input")) from None
+    fn = getattr(model, "example_input", None)
+    if not callable(fn):
+        raise PlanError("--measure needs the model's input: pass --input module:fn (fn(batch_size) -> tensor) or "
+                        "give the module an example_input(batch_size) method")
+    return fn
+
+
+def model_spec(opts: PlanOptions) -> ModelSpec:
+    """The model as the options describe it: a factory, a parameter count and/or shape numbers."""
+    if opts.model:
+        model = build_model(opts.model)
+        spec = spec_from_module(model, opts.model)
+        for k in ("layers", "hidden", "seq_len", "vocab", "heads"):
+            if getattr(opts, k) is not None:
+                setattr(spec, k, getattr(opts, k))
+        if opts.params is not None:
+            raise PlanError("--params and --model both give the parameter count; drop --params")
+        return spec
+    if opts.params is None and not (opts.layers and opts.hidden):
+        raise PlanError("give the model: --params N (with --layers --hidden --seq-len for activations), "
+                        "--layers/--hidden/--seq-len/--vocab, or --model module:factory")
+    params = opts.params if opts.params is not None else gpt_param_count(
+        opts.layers, opts.hidden, opts.vocab or 0, opts.seq_len or 0)
+    largest = None
+    if opts.hidden:
+        largest = max(4 * opts.hidden * opts.hidden, (opts.vocab or 0) * opts.hidden)
+    return ModelSpec(params=params, layers=opts.layers, hidden=opts.hidden, seq_len=opts.seq_len,
+                     vocab=opts.vocab, heads=opts.heads, largest_tensor=largest,
+                     source="--params" if opts.params is not None else "GPT-2 count from the shape")
+
+
+def _measure(opts: PlanOptions, spec: ModelSpec, memory: int) -> Dict[str, Any]:
     import torch
 
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free), f"free memory of {device} (torch.cuda.mem_get_info)"
+    device = opts.device
+    real = build_model(opts.model, device=device)
+    make_input = _input_fn(opts, real)
+    usable = int(memory * (1 - opts.headroom))
+    mode = next(m for m in MODES if m.key == ("fastaccum-fp32" if opts.dtype == "fp32" else "fastaccum-bf16-master"))
+    static = spec.params * mode.static_per_param
+    if static >= usable:
+        raise PlanError(f"--memory {fmt_bytes(memory)}: the {fmt_bytes(static)} of parameters, buffers and "
+                        f"optimizer state of {mode.label} leave nothing for activations; give more memory")
+
+    def wrapped(b: int) -> Any:
+        try:
+            return make_input(b)
+        except Exception as e:  # noqa: BLE001 - user code: report, do not crash
+            raise PlanError(f"--measure: the input function raised {type(e).__name__}: {e}") from None
+
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable of /proc/meminfo"
-    except OSError:
-        pass
-    raise PlanError("cannot read the free memory of this machine; pass --memory (e.g. --memory 16GB)")
+        measured = measure_activations(real, wrapped, device, usable, static_bytes=static)
+    except (RuntimeError, TypeError, ValueError) as e:
+        if isinstance(e, PlanError):
+            raise
+        raise PlanError(f"--measure: running the model failed: {type(e).__name__}: {e}") from None
+    del real
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return measured
+
+
+def make_plan(opts: PlanOptions) -> Dict[str, Any]:
+    """``fastaccum plan`` without the printing: options in, the plan dict (schema ``fastaccum.plan/1``) out."""
+    if opts.measure and not opts.model:
+        raise PlanError("--measure runs a real model: give --model module:factory")
+    if opts.input and not opts.measure:
+        raise PlanError("--input is only used with --measure; add --measure or drop --input")
+    spec = model_spec(opts)
+    if opts.memory:
+        memory, source = parse_memory(opts.memory), "--memory"
+    else:
+        memory, source = device_free_memory(opts.device or "cpu")
+    if not opts.measure and not spec.has_shape():
+        raise PlanError("activation memory needs --layers, --hidden and --seq-len (or --measure with --model)")
+    measured = _measure(opts, spec, memory) if opts.measure else None
+    return plan(PlanInput(
+        spec=spec, memory_bytes=memory, memory_source=source, target_batch=opts.batch, target_tokens=opts.tokens,
+        devices=opts.devices, headroom=opts.headroom, attention=opts.attention, beta2=opts.beta2,
+        beta2_batch=opts.beta2_batch, dtype=opts.dtype, measured=measured,
+    ))
