@@ -348,14 +348,22 @@ def print_plan(res: Dict[str, Any]) -> None:
 
     m, mem, tgt, act, rec = res["model"], res["memory"], res["target"], res["activations"], res["recommendation"]
     shape = " ".join(f"{k}={m[k]}" for k in ("layers", "hidden", "seq_len", "vocab", "heads") if m[k])
-    lines = [
-        f"model: {m['params']:,} parameters ({m['source']}){'; ' + shape if shape else ''}",
-        f"memory: {fmt_bytes(mem['budget_bytes'])} ({mem['source']}), {fmt_bytes(mem['usable_bytes'])} usable "
-        f"after {mem['headroom']:.0%} headroom",
-        f"activations per sequence: {fmt_bytes(act['bytes_per_sequence_16bit'])} 16-bit, "
-        f"{fmt_bytes(act['bytes_per_sequence_32bit'])} fp32"
-        + (f" + {fmt_bytes(act['fixed_bytes'])} fixed" if act["fixed_bytes"] else "") + f" [{act['source']}]",
-    ]
+    lines = [f"model: {m['params']:,} parameters ({m['source']}){'; ' + shape if shape else ''}"]
+    inferred = m.get("inferred") or {}
+    for why in dict.fromkeys(inferred.values()):  # one line per source, listing the fields it gave
+        keys = [k.replace("_", "-") for k, v in inferred.items() if v == why]
+        lines.append(f"  {', '.join(keys)} from {why} (give --{' --'.join(keys)} to override)")
+    lines.append(f"memory: {fmt_bytes(mem['budget_bytes'])} ({mem['source']}), {fmt_bytes(mem['usable_bytes'])} usable "
+                 f"after {mem['headroom']:.0%} headroom")
+    fixed = f" + {fmt_bytes(act['fixed_bytes'])} fixed" if act["fixed_bytes"] else ""
+    if act["measured"]:
+        # one measurement, used for every mode: a single figure, labelled with what was measured
+        lines.append(f"activations per sequence: {fmt_bytes(act['bytes_per_sequence_16bit'])}{fixed} measured with "
+                     f"{act['measured'].get('dtype', '?')} parameters on {act['measured'].get('device', '?')} "
+                     f"[{act['source']}]")
+    else:
+        lines.append(f"activations per sequence: {fmt_bytes(act['bytes_per_sequence_16bit'])} 16-bit, "
+                     f"{fmt_bytes(act['bytes_per_sequence_32bit'])} fp32{fixed} [{act['source']}]")
     if tgt["batch_sequences"]:
         lines.append(f"target: {tgt['batch_sequences']} sequences per optimizer step"
                      + (f" ({tgt['tokens']:,} tokens)" if tgt["tokens"] else "")
@@ -375,9 +383,12 @@ def print_plan(res: Dict[str, Any]) -> None:
         tail.append(f"recommended ({rec['mode']}): micro-batch {rec['micro_batch']} x {rec['accumulation_steps']} "
                     f"accumulation step(s) = effective batch {rec['effective_batch']}")
         hl = f", exp_avg_sq half-life {b['half_life_tokens']:,.0f} tokens" if b["half_life_tokens"] else ""
-        tail.append(f"beta2 {b['given']} tuned at batch {b['tuned_at_batch']} ({b['tuned_at_batch_source']}){hl}: use {b['for_chosen_batch']:.6g} at batch "
-                    f"{b['chosen_batch']}; {b['without_accumulation']:.6g} at batch {b['without_accumulation_batch']} "
-                    f"without accumulation [{b['rule']}]")
+        use = f"use {b['for_chosen_batch']:.6g} at batch {b['chosen_batch']}"
+        if b["without_accumulation_batch"] != b["chosen_batch"]:
+            use += (f"; {b['without_accumulation']:.6g} at batch {b['without_accumulation_batch']} "
+                    "without accumulation")
+        tail.append(f"beta2 {b['given']} tuned at batch {b['tuned_at_batch']} ({b['tuned_at_batch_source']}){hl}: "
+                    f"{use} [{b['rule']}]")
     tail += [f"note: {n}" for n in rec["notes"]]
     console = _console()
     if console is not None:
@@ -420,11 +431,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _value_options(parser: argparse.ArgumentParser) -> set:
+    """Option strings that take a value, over the parser and its sub-commands."""
+    out = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _value_options(sub)
+        elif action.option_strings and action.nargs != 0:
+            out.update(s for s in action.option_strings if s.startswith("--"))
+    return out
+
+
+def _join_negative_values(argv: Sequence[str], value_options: set) -> List[str]:
+    """``--memory -6GB`` -> ``--memory=-6GB``: argparse takes ``-6GB`` for an option and answers
+    "expected one argument"; joined, the value reaches its parser and gets the same message
+    as ``--memory=-6GB`` ("must be > 0")."""
+    out: List[str] = []
+    it = iter(range(len(argv)))
+    for i in it:
+        tok = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if tok in value_options and nxt is not None and len(nxt) > 1 and nxt[0] == "-" and (
+                nxt[1].isdigit() or nxt[1] == "."):
+            out.append(f"{tok}={nxt}")
+            next(it, None)
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .plan import PlanError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_join_negative_values(argv, _value_options(parser)))
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE

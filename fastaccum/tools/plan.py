@@ -60,7 +60,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from . import units as _units
 from .memory import MemoryProbe, release_free_memory
 from .memory import device_free_memory as _device_free_memory
-from .units import fmt_bytes
+from .units import fmt_bytes, format_count
 
 KORTHIKANTI = "Korthikanti et al. 2022, eq. (2), https://arxiv.org/abs/2205.05198"
 MAREK = "Marek et al. 2025 (https://arxiv.org/abs/2507.07101)"
@@ -92,6 +92,7 @@ class ModelSpec:
     heads: Optional[int] = None
     largest_tensor: Optional[int] = None  # elements of the biggest parameter (bf16 transient gradient)
     source: str = "given"
+    inferred: Dict[str, str] = field(default_factory=dict)  # shape field -> where its value came from
 
     def has_shape(self) -> bool:
         return all(x is not None for x in (self.layers, self.hidden, self.seq_len))
@@ -101,6 +102,66 @@ def gpt_param_count(layers: int, hidden: int, vocab: int = 0, seq_len: int = 0) 
     """GPT-2-style count: 12h^2 + 13h per block (qkv, proj, 4h MLP, biases, 2 LayerNorms),
     tied token embedding V·h, learned positions s·h, final LayerNorm 2h."""
     return layers * (12 * hidden * hidden + 13 * hidden) + vocab * hidden + seq_len * hidden + 2 * hidden
+
+
+@dataclass(frozen=True)
+class StandardShape:
+    name: str
+    params: int  # the published (nominal) count
+    layers: int
+    hidden: int
+    heads: int
+    context: int
+    vocab: int = 50257
+
+
+# GPT-2 (Radford et al. 2019, Table 2; context 1024) and GPT-3 (Brown et al. 2020, Table 2.1,
+# https://arxiv.org/abs/2005.14165; context 2048), both with the 50257-token BPE vocabulary.
+# GPT-3 13B is listed with hidden 5140; 40 heads of 128 make 5120, used here.
+STANDARD_SHAPES: Tuple[StandardShape, ...] = (
+    StandardShape("GPT-2 small", 124_000_000, 12, 768, 12, 1024),
+    StandardShape("GPT-3 Medium", 350_000_000, 24, 1024, 16, 2048),
+    StandardShape("GPT-2 medium", 355_000_000, 24, 1024, 16, 1024),
+    StandardShape("GPT-3 Large", 760_000_000, 24, 1536, 16, 2048),
+    StandardShape("GPT-2 large", 774_000_000, 36, 1280, 20, 1024),
+    StandardShape("GPT-3 XL", 1_300_000_000, 24, 2048, 24, 2048),
+    StandardShape("GPT-2 XL", 1_500_000_000, 48, 1600, 25, 1024),
+    StandardShape("GPT-3 2.7B", 2_700_000_000, 32, 2560, 32, 2048),
+    StandardShape("GPT-3 6.7B", 6_700_000_000, 32, 4096, 32, 2048),
+    StandardShape("GPT-3 13B", 13_000_000_000, 40, 5120, 40, 2048),
+    StandardShape("GPT-3 175B", 175_000_000_000, 96, 12288, 96, 2048),
+)
+
+
+def nearest_shape(params: int) -> StandardShape:
+    """The standard GPT shape whose published parameter count is nearest (by ratio) to ``params``."""
+    return min(STANDARD_SHAPES, key=lambda sh: abs(math.log(params / sh.params)))
+
+
+def infer_shape(spec: ModelSpec) -> ModelSpec:
+    """Fill the shape numbers the user left out from the nearest standard GPT shape (by
+    parameter count) and record each one in ``spec.inferred``; given numbers are kept.
+
+    Without ``--seq-len`` the sequence length is that shape's context (1024 for GPT-2
+    sizes, 2048 for GPT-3 sizes).
+    """
+    if spec.has_shape():
+        return spec
+    sh = nearest_shape(spec.params)
+    why = f"{sh.name} ({format_count(sh.params)} params), nearest standard shape to {format_count(spec.params)}"
+    fill = {"layers": sh.layers, "hidden": sh.hidden, "vocab": sh.vocab}
+    if spec.hidden is None:
+        fill["heads"] = sh.heads  # heads go with the hidden size they divide
+    for key, value in fill.items():
+        if getattr(spec, key) is None:
+            setattr(spec, key, value)
+            spec.inferred[key] = why
+    if spec.seq_len is None:
+        spec.seq_len = sh.context
+        spec.inferred["seq_len"] = f"default: the context of {sh.name}"
+    if spec.largest_tensor is None and spec.hidden:
+        spec.largest_tensor = max(4 * spec.hidden * spec.hidden, (spec.vocab or 0) * spec.hidden)
+    return spec
 
 
 def load_factory(path: str) -> Callable[..., Any]:
@@ -254,14 +315,17 @@ class ModeRow:
     accumulation_steps: Optional[int] = None
     effective_batch: Optional[int] = None
     reaches_target: Optional[bool] = None
+    exact: Optional[bool] = None  # effective batch == target
     note: Optional[str] = None
 
 
 def split_batch(target_per_device: int, max_micro: int, can_accumulate: bool = True) -> Tuple[int, int]:
-    """(micro-batch, accumulation steps) reaching ``target_per_device`` with micro <= max_micro.
+    """(micro-batch, accumulation steps) with micro x steps == ``target_per_device`` exactly.
 
-    The fewest accumulation steps, then the smallest micro-batch that still reaches the target
-    (balanced micro-batches: 100 with max 48 -> 34 x 3, not 48 x 3), preferring an exact split.
+    The largest micro-batch that fits (<= ``max_micro``) *and* divides the target: a recipe's
+    batch is reproduced exactly (256 with max 11 -> 8 x 32, not 11 x 24 = 264). A micro-batch
+    of 1 always divides, so with accumulation the target is always hit; without accumulation
+    (step-in-backward) the micro-batch is the batch, capped at ``max_micro``.
     """
     if max_micro < 1:
         return 0, 0
@@ -269,17 +333,16 @@ def split_batch(target_per_device: int, max_micro: int, can_accumulate: bool = T
         return target_per_device, 1
     if not can_accumulate:
         return max_micro, 1
-    accum = math.ceil(target_per_device / max_micro)
-    # an exact split (micro x accum == target) is worth up to 25% more micro-steps: a recipe's
-    # batch size is then reproduced exactly (256 with max 5 -> 4 x 64, not 5 x 52 = 260)
-    for k in range(accum, int(accum * 1.25) + 1):
-        if target_per_device % k == 0 and target_per_device // k <= max_micro:
-            return target_per_device // k, k
-    return math.ceil(target_per_device / accum), accum
+    micro = next(d for d in range(max_micro, 0, -1) if target_per_device % d == 0)
+    return micro, target_per_device // micro
 
 
 def beta2_for(beta2: float, batch: float, ref_batch: float) -> float:
-    """Marek et al. 2025 half-life rule: ``β2 ** (batch / ref_batch)`` (same sequence length)."""
+    """Marek et al. 2025 half-life rule: ``β2 ** (batch / ref_batch)`` (same sequence length).
+
+    The only place the planner rescales β2: when the library gains its own rescaling
+    function, this body becomes a call to it.
+    """
     return beta2 ** (batch / ref_batch)
 
 
@@ -326,7 +389,7 @@ def plan(inp: PlanInput) -> Dict[str, Any]:
 
     target_batch = inp.target_batch
     if inp.target_tokens is not None:
-        if not spec.seq_len:
+        if not spec.seq_len or "seq_len" in spec.inferred:
             raise PlanError("--tokens needs --seq-len (tokens per sequence) to turn tokens into sequences")
         target_batch = math.ceil(inp.target_tokens / spec.seq_len)
     per_device_target = math.ceil(target_batch / inp.devices) if target_batch else None
@@ -363,8 +426,11 @@ def plan(inp: PlanInput) -> Dict[str, Any]:
             row.micro_batch, row.accumulation_steps = micro, accum
             row.effective_batch = micro * accum * inp.devices
             row.reaches_target = row.effective_batch >= target_batch
+            row.exact = row.effective_batch == target_batch
             if not m.can_accumulate and not row.reaches_target:
                 row.note = "no accumulation"
+            elif not row.exact:
+                row.note = f"not exact: {target_batch} over {inp.devices} devices"
         else:
             row.micro_batch, row.accumulation_steps = max_micro, 1
             row.effective_batch = max_micro * inp.devices
@@ -411,6 +477,18 @@ def _recommend(inp: PlanInput, spec: ModelSpec, chosen: ModeRow, target_batch: O
         "half_life_tokens": half_life_tokens(inp.beta2, ref, spec.seq_len),
         "rule": f"beta2* = beta2 ** (B*/B), same token half-life of exp_avg_sq, {MAREK}",
     }
+    if target_batch and not chosen.exact and chosen.reaches_target is not None:
+        out["notes"].append(
+            f"the target batch {target_batch} cannot be hit exactly: it does not split evenly over {inp.devices} "
+            f"devices; {chosen.effective_batch} is the nearest above it")
+    if (target_batch and chosen.exact and (chosen.accumulation_steps or 1) > 1 and chosen.micro_batch
+            and chosen.micro_batch * 2 <= chosen.max_micro_batch):
+        alt = math.ceil(math.ceil(target_batch / inp.devices) / chosen.max_micro_batch)
+        alt_micro = math.ceil(math.ceil(target_batch / inp.devices) / alt)
+        out["notes"].append(
+            f"{chosen.micro_batch} is the largest micro-batch that divides the target exactly (up to "
+            f"{chosen.max_micro_batch} fits); {alt_micro} x {alt} = {alt_micro * alt * inp.devices} needs fewer "
+            "micro-steps but changes the batch")
     if (chosen.accumulation_steps or 1) > 1 and inp.devices == 1:
         out["notes"].append(
             f"on one device {MAREK} recommend training at the batch that fits "
@@ -674,8 +752,8 @@ def make_plan(opts: PlanOptions) -> Dict[str, Any]:
         memory, source = parse_memory(opts.memory), "--memory"
     else:
         memory, source = device_free_memory(opts.device or "cpu")
-    if not opts.measure and not spec.has_shape():
-        raise PlanError("activation memory needs --layers, --hidden and --seq-len (or --measure with --model)")
+    if not opts.measure:
+        infer_shape(spec)
     measured = _measure(opts, spec, memory) if opts.measure else None
     return plan(PlanInput(
         spec=spec, memory_bytes=memory, memory_source=source, target_batch=opts.batch, target_tokens=opts.tokens,

@@ -1,8 +1,9 @@
 """Counts and sizes as users type them, and as the tools print them.
 
 Counts (``--params 350M``, ``--tokens 0.5M``): k/M/G/B are powers of 1000 (B = billion).
-Memory (``--memory 6GB``): ``KB MB GB TB`` are powers of 1000 (``6GB`` = 6·10⁹ bytes),
-``KiB MiB GiB TiB`` powers of 1024 (``6GiB`` = 6·2³⁰).
+Memory (``--memory 6GB``): ``KB MB GB TB`` and the bare ``K M G T`` are powers of 1000
+(``6GB`` = ``6G`` = 6·10⁹ bytes), ``KiB MiB GiB TiB`` powers of 1024 (``6GiB`` = 6·2³⁰ ≈ 6.44·10⁹),
+the SI/IEC convention: a bare ``G`` means what ``GB`` means, never ``GiB``.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ _COUNT_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
 MEMORY_UNITS = {
     "": 1, "b": 1,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
@@ -51,7 +53,7 @@ def format_count(n: float) -> str:
 
 
 def parse_memory(text: str, arg: str = "--memory") -> int:
-    """``"6GB"`` -> 6_000_000_000 (SI), ``"6GiB"`` -> 6 * 2**30 (IEC); a bare number is bytes."""
+    """``"6GB"`` = ``"6G"`` -> 6_000_000_000 (SI), ``"6GiB"`` -> 6 * 2**30 (IEC); a bare number is bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     if not m:
         if str(text).strip().startswith("-"):
@@ -59,8 +61,8 @@ def parse_memory(text: str, arg: str = "--memory") -> int:
         raise UnitError(f"{arg} {text!r} is not a size; write a number and a unit, e.g. 6GB, 512MiB")
     value, unit = float(m.group(1)), m.group(2).lower()
     if unit not in MEMORY_UNITS:
-        raise UnitError(f"{arg} {text!r}: unknown unit {m.group(2)!r}; use B, KB, MB, GB, TB (powers of 1000) "
-                        "or KiB, MiB, GiB, TiB (powers of 1024)")
+        raise UnitError(f"{arg} {text!r}: unknown unit {m.group(2)!r}; use B, KB, MB, GB, TB or K, M, G, T "
+                        "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)")
     n = int(value * MEMORY_UNITS[unit])
     if n <= 0:
         raise UnitError(f"{arg} {text!r}: memory must be > 0 (e.g. 6GB)")
