@@ -1,5 +1,5 @@
 """Shared fixtures for the pytest-benchmark suites in bench/ (the harness itself is
-``fastaccum.benchmark``, the code ``fastaccum bench`` runs).
+``fastaccum.tools.bench``, the code ``fastaccum bench`` runs).
 
 Run: ``python -m pytest bench/ --benchmark-only`` (not part of the test suite: ``testpaths``
 is ``tests``). Environment:
@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from fastaccum import benchmark as harness
+from fastaccum.tools import bench as harness
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -47,7 +46,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 import torch
 
-from fastaccum import benchmark as harness
+from fastaccum.tools import bench as harness
 from fastaccum.backends import BackendUnavailableError, get_backend
 
 try:
@@ -123,14 +122,10 @@ class Row:
 
 
 def time_interleaved(rows: List[Row], rounds: int = ROUNDS, warmup: int = 1) -> None:
-    for r in range(warmup + rounds):
-        for row in rows:
-            row.prepare()
-            t0 = time.perf_counter()
-            row.run()
-            dt = time.perf_counter() - t0
-            if r >= warmup:
-                row.times.append(dt)
+    """The harness's one timing loop (round-robin, rotated each round) over these rows."""
+    times = harness.time_rounds({str(i): row for i, row in enumerate(rows)}, rounds, warmup)
+    for i, row in enumerate(rows):
+        row.times.extend(times[str(i)])
 
 
 def stream_rows(nwrite_list=(4, 3)) -> List[Row]:

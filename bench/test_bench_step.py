@@ -5,8 +5,8 @@ foreach and fused, fp32 parameters, ~10M and ~100M parameters. No timing asserts
     FASTACCUM_BENCH_QUICK=1 python -m pytest bench/test_bench_step.py --benchmark-only   # seconds
 
 Each round: untimed ``prepare`` (a backward pass delivers fresh gradients, see
-``fastaccum.benchmark``), then the timed ``opt.step(); opt.zero_grad()``. The parameters
-are laid out like GPT blocks (``fastaccum.benchmark.param_shapes``). ``extra_info`` carries
+``fastaccum.tools.bench``), then the timed ``opt.step(); opt.zero_grad()``. The parameters
+are laid out like GPT blocks (``fastaccum.tools.bench.param_shapes``). ``extra_info`` carries
 bytes/param (fastaccum 32: the update also writes g = 0; torch 28: zero_grad frees the
 gradient), GB/s from the median, and % of the streaming bandwidth measured in the same
 session. Compare rows of one group (same size) only: they ran minutes apart at most, on a
@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastaccum import benchmark as harness
+from fastaccum.tools import bench as harness
 
 CPU = torch.device("cpu")
 IMPLS = [f"fastaccum-{b}" for b in harness.fastaccum_backends(CPU)] + ["torch-foreach", "torch-fused"]

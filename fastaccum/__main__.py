@@ -1,7 +1,7 @@
-"""python -m fastaccum: the fastaccum command line."""
+"""python -m fastaccum: the fastaccum command line (fastaccum.tools.cli)."""
 import sys
 
-from .cli import main
+from fastaccum.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

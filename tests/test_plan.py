@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-from fastaccum import plan as P
+from fastaccum.tools import plan as P
+from fastaccum.tools.units import parse_count
 from test_cli import run_cli, run_inproc
 
 TINY = textwrap.dedent(
@@ -65,7 +66,9 @@ def models(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ arithmetic
 @pytest.mark.parametrize("text, n", [("6GB", 6 * 10**9), ("6GiB", 6 * 2**30), ("512MiB", 512 * 2**20),
-                                     ("1.5gb", 1_500_000_000), ("1e9", 10**9), ("300 MB", 300 * 10**6)])
+                                     ("1.5gb", 1_500_000_000), ("1e9", 10**9), ("300 MB", 300 * 10**6),
+                                     # a bare SI prefix means what the SI unit means: 6G = 6GB, never 6GiB
+                                     ("6G", 6 * 10**9), ("6g", 6 * 10**9), ("512M", 512 * 10**6), ("2T", 2 * 10**12)])
 def test_parse_memory(text, n):
     assert P.parse_memory(text) == n
 
@@ -78,16 +81,17 @@ def test_parse_memory_rejects(text):
 
 @pytest.mark.parametrize("target, max_micro, expect", [
     (64, 100, (64, 1)),      # fits: no accumulation
-    (100, 48, (34, 3)),      # fewest steps, balanced micro-batches
-    (256, 5, (4, 64)),       # an exact split within 25% more steps beats 5 x 52 = 260
-    (7, 2, (2, 4)),          # prime target: 2 x 4 = 8 >= 7
+    (256, 11, (8, 32)),      # the target exactly: 8 x 32 = 256, not 11 x 24 = 264
+    (100, 48, (25, 4)),      # the largest micro-batch that fits and divides 100
+    (256, 5, (4, 64)),       # not 5 x 52 = 260
+    (7, 2, (1, 7)),          # prime target: 1 x 7, exact (2 x 4 = 8 would change the batch)
     (10, 0, (0, 0)),         # nothing fits
 ])
-def test_split_batch(target, max_micro, expect):
+def test_split_batch_hits_the_target_exactly(target, max_micro, expect):
     micro, accum = P.split_batch(target, max_micro)
     assert (micro, accum) == expect
     if micro:
-        assert micro <= max_micro and micro * accum >= target
+        assert micro <= max_micro and micro * accum == target
 
 
 def test_beta2_half_life_rule():
@@ -210,7 +214,8 @@ BAD_PLAN = [
     (["--params=-5", "--memory", "6GB"], "--params"),
     (["--params", "124M", "--layers", "0", "--memory", "6GB"], "--layers"),
     (["--params", "1B", "--layers", "12", "--hidden", "768", "--seq-len", "1024", "--memory", "1GB"], "parameters alone"),
-    (["--params", "124M", "--memory", "6GB"], "--layers"),
+    (["--params", "124M", "--layers", "12", "--hidden", "768", "--seq-len", "1024", "--memory", "-6GB"],
+     "memory must be > 0"),
     (["--memory", "6GB"], "give the model"),
     (["--params", "124M", "--layers", "2", "--hidden", "64", "--seq-len", "8", "--memory", "6GB", "--headroom", "1.5"], "--headroom"),
     (["--params", "124M", "--layers", "2", "--hidden", "64", "--seq-len", "8", "--memory", "6GB", "--beta2", "1"], "--beta2"),
@@ -238,3 +243,98 @@ def test_plan_bad_input_through_the_real_entry_point():
     proc = run_cli("plan", "--params", "124M", "--memory", "6XB", timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "--memory" in proc.stderr
+
+
+# ------------------------------------------------ the commands users type first
+@pytest.mark.parametrize("args, name, layers, hidden, heads, seq_len", [
+    (["--params", "350M", "--memory", "6GB", "--seq-len", "2048", "--batch", "64"], "GPT-3 Medium", 24, 1024, 16, 2048),
+    (["--params", "1.5B", "--memory", "24GB"], "GPT-2 XL", 48, 1600, 25, 1024),
+    (["--params", "124M", "--memory", "6GB"], "GPT-2 small", 12, 768, 12, 1024),
+    (["--params", "7B", "--memory", "80GB"], "GPT-3 6.7B", 32, 4096, 32, 2048),
+])
+def test_plan_infers_a_standard_shape_from_the_parameter_count(capsys, tmp_path, args, name, layers, hidden,
+                                                               heads, seq_len):
+    out = tmp_path / "p.json"
+    rc, stdout, err = run_inproc(capsys, "plan", *args, "--json", str(out))
+    assert rc in (0, 1), err  # 1: valid plan, nothing fits
+    m = json.loads(out.read_text())["model"]
+    assert (m["layers"], m["hidden"], m["heads"], m["seq_len"], m["vocab"]) == (layers, hidden, heads, seq_len, 50257)
+    assert m["params"] == parse_count(args[1])  # state memory uses the count given, not the table's
+    assert all(name in m["inferred"][k] for k in ("layers", "hidden", "heads", "vocab"))
+    assert ("seq_len" in m["inferred"]) == ("--seq-len" not in args)
+    assert name in stdout and "nearest" in stdout  # the output says which shape it assumed
+    if "--seq-len" not in args:
+        assert "seq-len from default" in stdout
+
+
+def test_plan_keeps_given_shape_numbers_and_tokens_need_a_real_seq_len(capsys, tmp_path):
+    out = tmp_path / "p.json"
+    rc, _, err = run_inproc(capsys, "plan", "--params", "350M", "--layers", "20", "--seq-len", "512",
+                            "--memory", "24GB", "--json", str(out))
+    assert rc == 0, err
+    m = json.loads(out.read_text())["model"]
+    assert (m["layers"], m["hidden"], m["seq_len"]) == (20, 1024, 512) and "layers" not in m["inferred"]
+    # a defaulted sequence length must not silently turn --tokens into sequences
+    rc, _, err = run_inproc(capsys, "plan", "--params", "350M", "--memory", "24GB", "--tokens", "1M")
+    assert rc == 2 and "--seq-len" in err
+
+
+def _tiny_spec(**kw):
+    # 1M params, activations 1 MB per sequence (16-bit): max micro-batch = (usable - static) // 1 MB
+    return P.ModelSpec(params=1_000_000, layers=1, hidden=100, seq_len=10, **kw)
+
+
+def test_plan_hits_the_target_exactly_when_it_can():
+    spec = _tiny_spec()
+    per_seq = P.activation_bytes_per_sequence(spec, 16)
+    static = 18 * spec.params  # fastaccum bf16 + master, no in-flight (largest_tensor unknown)
+    memory = static + 11 * per_seq + per_seq // 2  # room for 11 sequences, not 12
+    res = P.plan(P.PlanInput(spec=spec, memory_bytes=memory, memory_source="test", target_batch=256, headroom=0))
+    rec = res["recommendation"]
+    chosen = next(m for m in res["modes"] if m["mode"] == res["chosen_mode"])
+    assert chosen["max_micro_batch"] == 11
+    assert (rec["micro_batch"], rec["accumulation_steps"], rec["effective_batch"]) == (8, 32, 256)
+    assert chosen["exact"] is True
+
+
+def test_plan_says_when_the_target_cannot_be_hit_exactly():
+    spec = _tiny_spec()
+    res = P.plan(P.PlanInput(spec=spec, memory_bytes=10**9, memory_source="test", target_batch=257, devices=2))
+    rec = res["recommendation"]
+    assert rec["effective_batch"] == 258
+    assert any("cannot be hit exactly" in n and "257" in n for n in rec["notes"])
+
+
+def test_plan_says_beta2_once_when_the_batches_are_equal(capsys):
+    rc, out, err = run_inproc(capsys, "plan", "--params", "10M", "--layers", "4", "--hidden", "256",
+                              "--seq-len", "128", "--memory", "8GB", "--batch", "8")
+    assert rc == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("beta2"))
+    assert "at batch 8" in line and "without accumulation" not in line and line.count("0.999 at batch") == 1
+
+
+def test_plan_rescales_beta2_in_one_function(monkeypatch):
+    # beta2_for is the single place the rule lives (to be swapped for the library's own)
+    calls = []
+    monkeypatch.setattr(P, "beta2_for", lambda b, batch, ref: calls.append((b, batch, ref)) or 0.5)
+    res = P.plan(P.PlanInput(spec=_tiny_spec(), memory_bytes=10**9, memory_source="test", target_batch=64))
+    b = res["recommendation"]["beta2"]
+    assert b["for_chosen_batch"] == 0.5 and b["without_accumulation"] == 0.5 and len(calls) == 2
+
+
+def test_plan_measured_activations_are_one_labelled_figure(capsys):
+    from fastaccum.tools.cli import print_plan
+
+    measured = {"per_sample_bytes": 3_630_000.0, "fixed_bytes": 0.0, "dtype": "float32", "device": "cpu"}
+    res = P.plan(P.PlanInput(spec=_tiny_spec(), memory_bytes=10**9, memory_source="test", target_batch=8,
+                             measured=measured))
+    capsys.readouterr()
+    print_plan(res)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("activations"))
+    assert line.count("3.63 MB") == 1 and "16-bit" not in line and "measured" in line and "float32" in line
+
+
+@pytest.mark.parametrize("form", [["--memory", "-6GB"], ["--memory=-6GB"]])
+def test_plan_negative_memory_same_message_both_spellings(capsys, form):
+    rc, _, err = run_inproc(capsys, "plan", "--params", "124M", *form)
+    assert rc == 2 and err.strip() == "fastaccum plan: error: --memory '-6GB': memory must be > 0 (e.g. 6GB)"

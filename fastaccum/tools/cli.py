@@ -45,7 +45,7 @@ def _positive_int(name: str) -> Any:
 
 
 def _count(name: str) -> Any:
-    from .benchmark import parse_count
+    from .units import parse_count
 
     def conv(text: str) -> int:
         try:
@@ -57,7 +57,7 @@ def _count(name: str) -> Any:
 
 
 def _count_list(text: str) -> List[int]:
-    from .benchmark import parse_count
+    from .units import parse_count
 
     out = []
     for part in text.split(","):
@@ -68,12 +68,15 @@ def _count_list(text: str) -> List[int]:
     return out
 
 
-def _choice_list(name: str, choices: Sequence[str]) -> Any:
+def _choice_list(name: str, choices: Sequence[str], aliases: Optional[Dict[str, List[str]]] = None) -> Any:
+    aliases = aliases or {}
+
     def conv(text: str) -> List[str]:
         items = [t.strip() for t in text.split(",") if t.strip()]
+        items = list(dict.fromkeys(x for t in items for x in aliases.get(t, [t])))
         bad = [t for t in items if t not in choices]
         if bad or not items:
-            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)} (comma-separated)")
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join([*choices, *aliases])} (comma-separated)")
         return items
 
     return conv
@@ -130,24 +133,30 @@ def _add_bench(sub: Any) -> None:
         description="Time one optimizer step and one full accumulation cycle (N micro-batches + loss scale + "
                     "clip + step) of fastaccum (every available backend) vs torch.optim.AdamW for-loop/foreach/fused "
                     "and DeepSpeed's CPU Adam when importable, with the streaming bandwidth measured in the same run. "
-                    "GB/s counts the bytes/param of each row's algorithm (see fastaccum/benchmark.py).",
+                    "GB/s counts the bytes/param of each row's algorithm (see fastaccum/tools/bench.py).",
     )
     p.add_argument("--params", type=_count_list, default=None,
-                   help="comma-separated parameter counts, e.g. 1M,10M,100M (default; --quick: 1M,4M)")
+                   help="comma-separated parameter counts (default 1M,10M,100M: about 9 minutes and 6.6 GB of RAM "
+                        "on a 2-core machine; --quick: 1M,4M, under a minute and < 1 GB)")
     p.add_argument("--accum", type=_positive_int("--accum"), default=4, help="micro-batches per cycle (default 4)")
     p.add_argument("--dtype", type=_choice_list("--dtype", ["fp32", "bf16", "fp16"]), default=["fp32", "bf16"],
                    help="parameter dtypes, comma-separated (default fp32,bf16)")
-    p.add_argument("--mode", type=_choice_list("--mode", ["step", "cycle"]), default=["step", "cycle"],
-                   help="step (one update), cycle (accumulation window), or both (default)")
+    p.add_argument("--mode", type=_choice_list("--mode", ["step", "cycle"], {"both": ["step", "cycle"]}),
+                   default=["step", "cycle"],
+                   help="step (one update), cycle (accumulation window), or both (default; also step,cycle)")
     p.add_argument("--impl", type=lambda s: [t.strip() for t in s.split(",") if t.strip()], default=None,
                    help="only rows whose name starts with one of these, e.g. fastaccum,torch-fused")
     p.add_argument("--threads", type=_positive_int("--threads"), default=0,
                    help="torch intra-op threads (default: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--repeats", type=_positive_int("--repeats"), default=None, help="timed runs per row (default 7; --quick 5)")
+    p.add_argument("--repeats", type=_positive_int("--repeats"), default=None,
+                   help="timed rounds per row (default 7; --quick 5); a row whose spread (interquartile range / "
+                        "median) stays above 10%% gets up to 3x as many, and is marked noisy if it still does")
     p.add_argument("--warmup", type=_positive_int("--warmup"), default=None, help="untimed runs per row (default 2)")
-    p.add_argument("--quick", action="store_true", help="small sizes and fewer repeats: < 60 s on 2 cores")
-    p.add_argument("--json", metavar="PATH", help="write all figures as JSON (schema fastaccum.bench/1)")
+    p.add_argument("--quick", action="store_true", help="small sizes (1M,4M) and fewer repeats: under a minute on 2 cores")
+    p.add_argument("--json", metavar="PATH", help="write all figures as JSON (schema fastaccum.bench/1); "
+                   "with the default sizes the run takes about 9 minutes and 6.6 GB (add --quick for a minute)")
+    p.add_argument("--all", action="store_true", help="also list the skipped rows in the full table")
     p.add_argument("--plot", metavar="PATH.png", help="write GB/s vs parameters per implementation (matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
@@ -167,7 +176,7 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from . import benchmark as B
+    from . import bench as B
 
     device = _device(args.device)
     for path, what in ((args.json, "--json"), (args.plot, "--plot")):
@@ -187,6 +196,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         accum=args.accum, dtypes=args.dtype, modes=args.mode, device=str(device), threads=args.threads,
         repeats=args.repeats or (5 if args.quick else 7), warmup=args.warmup or (1 if args.quick else 2),
         impls=args.impl, quick=args.quick,
+        # --quick is README's CI job: on a busy machine, stop adding rounds (rows are then marked noisy)
+        extend_budget_s=60.0 if args.quick else None,
     )
     impls = B.implementations(device)
     if cfg.impls:
@@ -207,7 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print_bench(result)
+    print_bench(result, show_skipped=args.all)
     if args.json:
         B.write_json(result, args.json)
         print(f"wrote {args.json}")
@@ -221,55 +232,124 @@ def _fmt(v: Optional[float], spec: str, suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
-def bench_table_rows(result: Dict[str, Any]) -> List[List[str]]:
+def _ratio_cell(ratio: float, spread: Optional[List[float]], noisy: bool) -> str:
+    cell = f"{ratio:.2f}x"
+    if spread:
+        cell += f" [{spread[0]:.2f}-{spread[1]:.2f}]"
+    return cell + (" ~" if noisy else "")
+
+
+def bench_table_rows(result: Dict[str, Any], show_skipped: bool = False) -> List[List[str]]:
     out = []
     for r in result["rows"]:
+        mode = r["mode"] + (f" x{r['accum']}" if r["mode"] == "cycle" else "")
         if r["status"] != "ok":  # the reason is printed once under the table
-            out.append([r["impl"], r["mode"] + (f" x{r['accum']}" if r["mode"] == "cycle" else ""), r["dtype"],
-                        _fmt_count(r["params"]), str(r["bytes_per_param"] or "-"),
-                        r["status"], "", "", "", "", "", ""])
+            if show_skipped:
+                out.append([r["impl"], mode, r["dtype"], _fmt_count(r["params"]), str(r["bytes_per_param"] or "-"),
+                            r["status"], "", "", "", "", "", ""])
             continue
+        pct = _fmt(r["pct_bandwidth"], ".0f", "%")
+        if r["pct_bandwidth"] is not None and (r.get("in_cache") or r["pct_bandwidth"] > 100):
+            pct += "*"
+        vs = _fmt(r["speedup_vs_torch_fused"], ".2f", "x")
+        if r["family"] == "fastaccum" and r["dtype"] != "fp32" and r["speedup_vs_torch_fused"] is not None:
+            vs += " !"  # against torch's bf16 state: not like for like
         out.append([
-            r["impl"], r["mode"] + (f" x{r['accum']}" if r["mode"] == "cycle" else ""), r["dtype"],
-            _fmt_count(r["params"]), str(r["bytes_per_param"]),
-            f"{r['median_ms']:.2f} [{r['min_ms']:.2f}-{r['max_ms']:.2f}]",
+            r["impl"], mode, r["dtype"], _fmt_count(r["params"]), str(r["bytes_per_param"]),
+            f"{r['median_ms']:.2f} [{r['min_ms']:.2f}-{r['max_ms']:.2f}]" + (" ~" if r.get("noisy") else ""),
             _fmt(r["params_per_s"] and r["params_per_s"] / 1e6, ".0f"),
-            _fmt(r["gbps"], ".1f"), _fmt(r["pct_bandwidth"], ".0f", "%"),
-            _fmt(r["speedup_vs_torch_fused"], ".2f", "x"), _fmt(r["speedup_vs_torch_foreach"], ".2f", "x"),
+            _fmt(r["gbps"], ".1f"), pct, vs, _fmt(r["speedup_vs_torch_foreach"], ".2f", "x"),
             _fmt(r["peak_mem_bytes"] and r["peak_mem_bytes"] / 2**20, ".0f"),
         ])
     return out
 
 
 BENCH_HEADERS = ["impl", "mode", "dtype", "params", "B/param", "ms median [min-max]", "Mparam/s", "GB/s",
-                 "% BW", "vs fused", "vs foreach", "peak MiB"]
+                 "% stream", "vs fused", "vs foreach", "peak MiB"]
 
 
 def _fmt_count(n: int) -> str:
-    from .benchmark import format_count
+    from .units import format_count
 
     return format_count(n)
 
 
-def print_bench(result: Dict[str, Any]) -> None:
+def verdict_table(result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Title, headers and rows of the verdict (None when no fastaccum row could be compared)."""
+    v = result.get("verdict") or {}
+    if not v.get("lines"):
+        return None
+    m = result["machine"]
+    sizes = sorted({c["params"] for ln in v["lines"] for c in ln["cells"]})
+    summary = ", ".join(
+        f"{ln['what'].replace(' params', '')} "
+        + (f"{ln['min_ratio']:.2f}x" if f"{ln['min_ratio']:.2f}" == f"{ln['max_ratio']:.2f}"
+           else f"{ln['min_ratio']:.2f}-{ln['max_ratio']:.2f}x") + (" ~" if ln["noisy"] else "")
+        for ln in v["lines"])
+    title = (f"{v['impl']} vs torch fused AdamW on this machine ({m['device_name']}, {m['torch_threads']} threads): "
+             f"{summary}")
+    headers = ["what", *(_fmt_count(n) for n in sizes), "compared with"]
+    rows = []
+    for ln in v["lines"]:
+        cells = {c["params"]: _ratio_cell(c["ratio"], c["spread"], c["noisy"]) for c in ln["cells"]}
+        rows.append([ln["what"], *(cells.get(n, "-") for n in sizes), ln["vs"]])
+    noisy = [ln["what"] for ln in v["lines"] if ln["noisy"]]
+    foot = v["definition"] + "."
+    if noisy:
+        foot += (f" Noisy here: {'; '.join(noisy)} - the machine was busy during those rows; rerun, or read "
+                 "the quartiles rather than the median.")
+    return {"title": title, "headers": headers, "rows": rows, "foot": foot}
+
+
+def _print_plain(title: str, headers: List[str], rows: List[List[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    print(title)
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def print_bench(result: Dict[str, Any], show_skipped: bool = False) -> None:
     bw, m, v = result["bandwidth"], result["machine"], result["versions"]
-    head = (f"fastaccum {v['fastaccum']} | torch {v['torch']} | {m['device_name']} | {m['torch_threads']} threads | "
-            f"stream update {bw['update_gbps']:.1f} GB/s (= 100% BW; copy {bw['copy_gbps']:.1f}, "
+    llc = bw.get("llc_bytes")
+    head = (f"all rows: fastaccum {v['fastaccum']} | torch {v['torch']} | {m['device_name']} | {m['torch_threads']} "
+            f"threads | stream update {bw['update_gbps']:.1f} GB/s (copy {bw['copy_gbps']:.1f}, "
             f"triad {bw['triad_gbps']:.1f})")
-    foot = ("vs fused/foreach = time of torch AdamW fused/foreach / time of the row (>1: faster). GB/s = bytes/param "
-            "(the row's own minimum traffic, see --json bytes_note) x params / median time.")
-    rows = bench_table_rows(result)
+    foot_lines = [
+        "vs fused/foreach = time of torch AdamW fused/foreach / time of the row (>1: faster), same dtype. GB/s = "
+        "bytes/param (the row's own minimum traffic, see --json bytes_note) x params / median time.",
+        "% stream = GB/s / the stream update figure, measured on arrays >= 4x the last-level cache (a DRAM "
+        "figure). * = the row's working set (params, grads, state) fits in about twice the "
+        + (f"{llc / 2**20:.0f} MiB " if llc else "") + "cache, or the row passes 100%: part of its traffic is "
+        "served from cache, so the % is not a bound there.",
+        "! = fastaccum with bf16/fp16 params keeps fp32 master weights and moments (30 B/param per step); torch's "
+        "row with the same dtype keeps everything 16-bit (14 B/param, updates below half an ulp are lost): not "
+        "like for like. The verdict above compares with torch on fp32 params instead.",
+        "~ = noisy: interquartile range above 10% of the median after 3x the rounds.",
+    ]
     reasons = dict.fromkeys(f"{r['impl']}: {r['status']}: {r['reason']}" for r in result["rows"] if r["status"] != "ok")
-    foot = "\n".join([foot, *reasons])
+    foot = "\n".join([*foot_lines, *reasons])
+    rows = bench_table_rows(result, show_skipped)
+    verdict = verdict_table(result)
     console = _console()
     if console is not None:
         from rich.table import Table
 
+        if verdict is not None:
+            t = Table(title=verdict["title"], title_justify="left")
+            for h in verdict["headers"]:
+                t.add_column(h, justify="left" if h in ("what", "compared with") else "right", no_wrap=h != "compared with")
+            for r in verdict["rows"]:
+                t.add_row(*r)
+            console.print(t)
+            console.print(verdict["foot"], style="dim", markup=False, highlight=False)
+            console.print()
         table = Table(title=head, title_justify="left", show_lines=False)
         for h in BENCH_HEADERS:
             table.add_column(h, justify="left" if h in ("impl", "mode", "dtype") else "right", no_wrap=True)
         prev = None
-        for r, raw in zip(rows, result["rows"]):
+        ok_rows = [raw for raw in result["rows"] if show_skipped or raw["status"] == "ok"]
+        for r, raw in zip(rows, ok_rows):
             key = (raw["params"], raw["dtype"], raw["mode"])
             if prev is not None and key != prev:
                 table.add_section()
@@ -279,11 +359,11 @@ def print_bench(result: Dict[str, Any]) -> None:
         console.print(table)
         console.print(foot, style="dim", markup=False, highlight=False)
         return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(BENCH_HEADERS)]
-    print(head)
-    print("  ".join(h.ljust(w) for h, w in zip(BENCH_HEADERS, widths)))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if verdict is not None:
+        _print_plain(verdict["title"], verdict["headers"], verdict["rows"])
+        print(verdict["foot"])
+        print()
+    _print_plain(head, BENCH_HEADERS, rows)
     print(foot)
 
 
@@ -326,88 +406,13 @@ def _add_plan(sub: Any) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def _load_input_fn(args: argparse.Namespace, model: Any) -> Any:
-    from .plan import PlanError, load_factory
-
-    if args.input:
-        try:
-            return load_factory(args.input)
-        except PlanError as e:
-            raise CliError(str(e).replace("--model", "--input")) from None
-    fn = getattr(model, "example_input", None)
-    if not callable(fn):
-        raise CliError("--measure needs the model's input: pass --input module:fn (fn(batch_size) -> tensor) or "
-                       "give the module an example_input(batch_size) method")
-    return fn
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from . import plan as P
 
-    if args.measure and not args.model:
-        raise CliError("--measure runs a real model: give --model module:factory")
-    if args.input and not args.measure:
-        raise CliError("--input is only used with --measure; add --measure or drop --input")
     device = _device(args.device) if (args.measure or not args.memory) else None
-    if args.model:
-        model = P.build_model(args.model)
-        spec = P.spec_from_module(model, args.model)
-        for k in ("layers", "hidden", "seq_len", "vocab", "heads"):
-            if getattr(args, k) is not None:
-                setattr(spec, k, getattr(args, k))
-        if args.params is not None:
-            raise CliError("--params and --model both give the parameter count; drop --params")
-    else:
-        if args.params is None and not (args.layers and args.hidden):
-            raise CliError("give the model: --params N (with --layers --hidden --seq-len for activations), "
-                           "--layers/--hidden/--seq-len/--vocab, or --model module:factory")
-        params = args.params if args.params is not None else P.gpt_param_count(
-            args.layers, args.hidden, args.vocab or 0, args.seq_len or 0)
-        largest = None
-        if args.hidden:
-            largest = max(4 * args.hidden * args.hidden, (args.vocab or 0) * args.hidden)
-        spec = P.ModelSpec(params=params, layers=args.layers, hidden=args.hidden, seq_len=args.seq_len,
-                           vocab=args.vocab, heads=args.heads, largest_tensor=largest,
-                           source="--params" if args.params is not None else "GPT-2 count from the shape")
-    if args.memory:
-        memory, source = P.parse_memory(args.memory), "--memory"
-    else:
-        memory, source = P.device_free_memory(device)
-    if not args.measure and not spec.has_shape():
-        raise CliError("activation memory needs --layers, --hidden and --seq-len (or --measure with --model)")
-    measured = None
-    if args.measure:
-        import torch
-
-        real = P.build_model(args.model, device=device)
-        make_input = _load_input_fn(args, real)
-        usable = int(memory * (1 - args.headroom))
-        mode = next(m for m in P.MODES if m.key == ("fastaccum-fp32" if args.dtype == "fp32" else "fastaccum-bf16-master"))
-        static = spec.params * mode.static_per_param
-        if static >= usable:
-            raise CliError(f"--memory {P.fmt_bytes(memory)}: the {P.fmt_bytes(static)} of parameters, buffers and "
-                           f"optimizer state of {mode.label} leave nothing for activations; give more memory")
-
-        def wrapped(b: int) -> Any:
-            try:
-                return make_input(b)
-            except Exception as e:  # noqa: BLE001 - user code: report, do not crash
-                raise CliError(f"--measure: the input function raised {type(e).__name__}: {e}") from None
-
-        try:
-            measured = P.measure_activations(real, wrapped, device, usable, static_bytes=static)
-        except (RuntimeError, TypeError, ValueError) as e:
-            if isinstance(e, P.PlanError):
-                raise
-            raise CliError(f"--measure: running the model failed: {type(e).__name__}: {e}") from None
-        del real
-        if device is not None and device.type == "cuda":
-            torch.cuda.empty_cache()
-    result = P.plan(P.PlanInput(
-        spec=spec, memory_bytes=memory, memory_source=source, target_batch=args.batch, target_tokens=args.tokens,
-        devices=args.devices, headroom=args.headroom, attention=args.attention, beta2=args.beta2,
-        beta2_batch=args.beta2_batch, dtype=args.dtype, measured=measured,
-    ))
+    opts = P.PlanOptions(**{k: getattr(args, k) for k in P.PlanOptions.__dataclass_fields__ if k != "device"},
+                         device=device)
+    result = P.make_plan(opts)
     print_plan(result)
     if args.json:
         with open(args.json, "w") as f:
@@ -419,18 +424,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def print_plan(res: Dict[str, Any]) -> None:
-    from .plan import fmt_bytes
+    from .units import fmt_bytes
 
     m, mem, tgt, act, rec = res["model"], res["memory"], res["target"], res["activations"], res["recommendation"]
     shape = " ".join(f"{k}={m[k]}" for k in ("layers", "hidden", "seq_len", "vocab", "heads") if m[k])
-    lines = [
-        f"model: {m['params']:,} parameters ({m['source']}){'; ' + shape if shape else ''}",
-        f"memory: {fmt_bytes(mem['budget_bytes'])} ({mem['source']}), {fmt_bytes(mem['usable_bytes'])} usable "
-        f"after {mem['headroom']:.0%} headroom",
-        f"activations per sequence: {fmt_bytes(act['bytes_per_sequence_16bit'])} 16-bit, "
-        f"{fmt_bytes(act['bytes_per_sequence_32bit'])} fp32"
-        + (f" + {fmt_bytes(act['fixed_bytes'])} fixed" if act["fixed_bytes"] else "") + f" [{act['source']}]",
-    ]
+    lines = [f"model: {m['params']:,} parameters ({m['source']}){'; ' + shape if shape else ''}"]
+    inferred = m.get("inferred") or {}
+    for why in dict.fromkeys(inferred.values()):  # one line per source, listing the fields it gave
+        keys = [k.replace("_", "-") for k, v in inferred.items() if v == why]
+        lines.append(f"  {', '.join(keys)} from {why} (give --{' --'.join(keys)} to override)")
+    lines.append(f"memory: {fmt_bytes(mem['budget_bytes'])} ({mem['source']}), {fmt_bytes(mem['usable_bytes'])} usable "
+                 f"after {mem['headroom']:.0%} headroom")
+    fixed = f" + {fmt_bytes(act['fixed_bytes'])} fixed" if act["fixed_bytes"] else ""
+    if act["measured"]:
+        # one measurement, used for every mode: a single figure, labelled with what was measured
+        lines.append(f"activations per sequence: {fmt_bytes(act['bytes_per_sequence_16bit'])}{fixed} measured with "
+                     f"{act['measured'].get('dtype', '?')} parameters on {act['measured'].get('device', '?')} "
+                     f"[{act['source']}]")
+    else:
+        lines.append(f"activations per sequence: {fmt_bytes(act['bytes_per_sequence_16bit'])} 16-bit, "
+                     f"{fmt_bytes(act['bytes_per_sequence_32bit'])} fp32{fixed} [{act['source']}]")
     if tgt["batch_sequences"]:
         lines.append(f"target: {tgt['batch_sequences']} sequences per optimizer step"
                      + (f" ({tgt['tokens']:,} tokens)" if tgt["tokens"] else "")
@@ -450,9 +463,12 @@ def print_plan(res: Dict[str, Any]) -> None:
         tail.append(f"recommended ({rec['mode']}): micro-batch {rec['micro_batch']} x {rec['accumulation_steps']} "
                     f"accumulation step(s) = effective batch {rec['effective_batch']}")
         hl = f", exp_avg_sq half-life {b['half_life_tokens']:,.0f} tokens" if b["half_life_tokens"] else ""
-        tail.append(f"beta2 {b['given']} tuned at batch {b['tuned_at_batch']} ({b['tuned_at_batch_source']}){hl}: use {b['for_chosen_batch']:.6g} at batch "
-                    f"{b['chosen_batch']}; {b['without_accumulation']:.6g} at batch {b['without_accumulation_batch']} "
-                    f"without accumulation [{b['rule']}]")
+        use = f"use {b['for_chosen_batch']:.6g} at batch {b['chosen_batch']}"
+        if b["without_accumulation_batch"] != b["chosen_batch"]:
+            use += (f"; {b['without_accumulation']:.6g} at batch {b['without_accumulation_batch']} "
+                    "without accumulation")
+        tail.append(f"beta2 {b['given']} tuned at batch {b['tuned_at_batch']} ({b['tuned_at_batch_source']}){hl}: "
+                    f"{use} [{b['rule']}]")
     tail += [f"note: {n}" for n in rec["notes"]]
     console = _console()
     if console is not None:
@@ -486,20 +502,51 @@ def print_plan(res: Dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastaccum", description="fastaccum: exact, fused gradient accumulation for PyTorch.")
-    from . import __version__
+    import fastaccum
 
-    parser.add_argument("--version", action="version", version=f"fastaccum {__version__}")
+    parser.add_argument("--version", action="version", version=f"fastaccum {fastaccum.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{bench,plan}", parser_class=_Parser)
     _add_bench(sub)
     _add_plan(sub)
     return parser
 
 
+def _value_options(parser: argparse.ArgumentParser) -> set:
+    """Option strings that take a value, over the parser and its sub-commands."""
+    out = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out |= _value_options(sub)
+        elif action.option_strings and action.nargs != 0:
+            out.update(s for s in action.option_strings if s.startswith("--"))
+    return out
+
+
+def _join_negative_values(argv: Sequence[str], value_options: set) -> List[str]:
+    """``--memory -6GB`` -> ``--memory=-6GB``: argparse takes ``-6GB`` for an option and answers
+    "expected one argument"; joined, the value reaches its parser and gets the same message
+    as ``--memory=-6GB`` ("must be > 0")."""
+    out: List[str] = []
+    it = iter(range(len(argv)))
+    for i in it:
+        tok = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if tok in value_options and nxt is not None and len(nxt) > 1 and nxt[0] == "-" and (
+                nxt[1].isdigit() or nxt[1] == "."):
+            out.append(f"{tok}={nxt}")
+            next(it, None)
+        else:
+            out.append(tok)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .plan import PlanError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_join_negative_values(argv, _value_options(parser)))
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE

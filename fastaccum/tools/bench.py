@@ -59,8 +59,6 @@ much as they do in a real model.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import json
 import math
 import os
@@ -73,6 +71,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 from torch import Tensor
+
+from .memory import MemoryProbe, available_memory, held_bytes, release_free_memory  # noqa: F401 (re-exported for bench/)
+from .units import format_count, parse_count  # noqa: F401 (re-exported for bench/)
 
 SCHEMA = "fastaccum.bench/1"
 
@@ -87,36 +88,6 @@ REFERENCE_IMPL = "torch-fused"
 
 
 # ----------------------------------------------------------------------------- sizes
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
-
-
-def parse_count(text: str) -> int:
-    """``"10M"`` -> 10_000_000. Suffixes k/K, m/M, g/G/b/B (billion); underscores allowed."""
-    s = str(text).strip().replace("_", "")
-    if not s:
-        raise ValueError("empty parameter count")
-    suffix = s[-1].lower() if s[-1].isalpha() else ""
-    number = s[:-1] if suffix else s
-    if suffix not in _SUFFIX:
-        raise ValueError(f"unknown suffix {s[-1]!r} in {text!r}; use k, M or B (e.g. 10M)")
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number (e.g. 10M, 2.5e6)") from None
-    n = value * _SUFFIX[suffix]
-    if not math.isfinite(n) or n < 1 or n != int(n):
-        raise ValueError(f"{text!r} must be a whole number >= 1")
-    return int(n)
-
-
-def format_count(n: float) -> str:
-    for div, suf in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            v = n / div
-            return f"{v:.0f}{suf}" if v == int(v) else f"{v:.3g}{suf}"
-    return f"{n:.0f}"
-
-
 def param_shapes(n: int) -> List[Tuple[int, ...]]:
     """Shapes of ``n`` parameters laid out like GPT blocks plus an embedding-like remainder."""
     if n < 1:
@@ -188,94 +159,6 @@ def bytes_per_param(impl: str, dtype: str, mode: str, accum: int = 1) -> Tuple[i
         total = produce + acc + 2 * e + 3 * e + step
         note = f"{n}x produce {2 * e} + {n - 1}x accumulate {3 * e} + unscale {2 * e} + clip {3 * e} + step {step}"
     return total, note
-
-
-# ----------------------------------------------------------------------- memory probes
-def _proc_status() -> Dict[str, int]:
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def current_rss() -> Optional[int]:
-    """Resident set size of this process in bytes (Linux /proc), or None elsewhere."""
-    return _proc_status().get("VmRSS")
-
-
-def peak_rss() -> int:
-    """Peak RSS since :func:`reset_peak_rss` (Linux), else the process-lifetime peak."""
-    hwm = _proc_status().get("VmHWM")
-    if hwm is not None:
-        return hwm
-    import resource  # ru_maxrss: KiB on Linux, bytes on macOS
-
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, ``clear_refs`` 5); False when unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def release_free_memory(full_gc: bool = False) -> None:
-    """Give freed heap memory back to the OS so RSS baselines are not inflated by earlier rows.
-
-    glibc keeps freed chunks below its (dynamic) mmap threshold in the heap; ``malloc_trim``
-    returns them. It changes no allocation behaviour of the code being measured. A full
-    ``gc.collect()`` costs ~0.2 s with torch loaded, so by default only the young generations.
-    """
-    gc.collect() if full_gc else gc.collect(1)
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
-class MemoryProbe:
-    """Peak memory added between :meth:`start` and :meth:`stop`: CUDA allocator stats, else peak RSS."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            release_free_memory()
-            self.base = current_rss() or 0
-            reset_peak_rss()
-
-    def stop(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
-        return max(0, peak_rss() - self.base)
-
-
-def held_bytes(tensors: Iterable[Optional[Tensor]]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views into one flat buffer count once)."""
-    seen: Dict[Tuple[str, int], int] = {}
-    for t in tensors:
-        if isinstance(t, Tensor) and t.numel() > 0:
-            st = t.untyped_storage()
-            seen[(str(t.device), st.data_ptr())] = st.nbytes()
-    return sum(seen.values())
 
 
 # ------------------------------------------------------------------- bandwidth (STREAM)
@@ -404,7 +287,7 @@ def deepspeed_adam_class() -> Tuple[Optional[type], Optional[str]]:
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # type: ignore[import-not-found]
     except ImportError as e:
         return None, f"deepspeed is not importable ({e}); pip install deepspeed to compare"
-    except (RuntimeError, OSError) as e:  # deepspeed's import can fail building/loading its ops
+    except Exception as e:  # noqa: BLE001 - deepspeed's import can fail building/loading its ops, or on a torch it does not support
         return None, f"deepspeed import failed: {type(e).__name__}: {e}"
     return DeepSpeedCPUAdam, None
 
@@ -417,7 +300,7 @@ def fastaccum_backends(device: torch.device) -> List[str]:
         return []
     if not hasattr(fastaccum, "AdamW"):
         return []
-    return list(fastaccum.backends.available_backends(device))
+    return list(fastaccum.available_backends(device))
 
 
 def implementations(device: torch.device) -> List[Tuple[str, Optional[str]]]:
@@ -531,21 +414,91 @@ class Runner:
         self.grad_sets = []
 
 
+class Timed:
+    """What :func:`time_rounds` times: ``prepare()`` untimed, then ``run()`` timed (a
+    :class:`Runner`, or any object with these two methods)."""
+
+    def prepare(self) -> None: ...
+
+    def run(self) -> None: ...
+
+
+ROW_ERRORS = (RuntimeError, ValueError)
+
+
+def time_rounds(items: Dict[str, Any], rounds: int, warmup: int = 0, device: Optional[torch.device] = None,
+                errors: Optional[Dict[str, str]] = None, clock: Callable[[], float] = time.perf_counter,
+                ) -> Dict[str, List[float]]:
+    """The one timing loop of the harness: seconds of ``run()`` per item, ``rounds`` rounds.
+
+    Every round times each item once (``prepare()`` untimed before it), round-robin with the
+    order rotated each round, so slow drifts of a shared machine hit every item alike; one
+    item is the plain sequential case. ``warmup`` untimed rounds first. An item whose
+    ``prepare``/``run`` raises a RuntimeError or ValueError is dropped and its message
+    recorded in ``errors`` (one implementation refusing a dtype is a row error, not a crash).
+    """
+    sync = _sync(torch.device(device)) if device is not None else (lambda: None)
+    times: Dict[str, List[float]] = {name: [] for name in items}
+    order = list(items)
+    for k in range(warmup + rounds):
+        shift = k % len(order) if order else 0
+        for name in order[shift:] + order[:shift]:
+            it = items[name]
+            try:
+                it.prepare()
+                sync()
+                t0 = clock()
+                it.run()
+                sync()
+                dt = clock() - t0
+            except ROW_ERRORS as e:
+                if errors is None:
+                    raise
+                errors[name] = f"{type(e).__name__}: {e}"
+                order.remove(name)
+                continue
+            if k >= warmup:
+                times[name].append(dt)
+    return times
+
+
+STABLE_SPREAD = 0.10  # a row is stable when its interquartile range is within 10% of its median
+
+
+def spread(times: Sequence[float]) -> Optional[float]:
+    """Interquartile range / median of ``times`` (None below 2 samples): robust to a single
+    outlier, which min-max is not ([1.98-191.98] ms says nothing about the median)."""
+    if len(times) < 2:
+        return None
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / med if med > 0 else None
+
+
+def time_until_stable(items: Dict[str, Any], rounds: int, max_rounds: Optional[int] = None,
+                      bound: float = STABLE_SPREAD, device: Optional[torch.device] = None,
+                      errors: Optional[Dict[str, str]] = None, clock: Callable[[], float] = time.perf_counter,
+                      deadline: Optional[float] = None) -> Dict[str, List[float]]:
+    """:func:`time_rounds`, extended (all items together, so rounds stay paired) while any item's
+    :func:`spread` exceeds ``bound``, up to ``max_rounds`` (default 3 x ``rounds``) and not past
+    ``deadline`` (a ``time.monotonic()`` value: ``--quick`` keeps its time on a busy machine).
+    Items still above the bound then are what the report calls noisy."""
+    max_rounds = max(rounds, max_rounds if max_rounds is not None else 3 * rounds)
+    times = time_rounds(items, rounds, 0, device, errors, clock)
+    done = rounds
+    while done < max_rounds and (deadline is None or time.monotonic() < deadline):
+        live = {k: v for k, v in items.items() if not (errors and k in errors)}
+        if all((spread(times[k]) or 0.0) <= bound for k in live):
+            break
+        step = min(max(2, rounds // 2), max_rounds - done)
+        for k, ts in time_rounds(live, step, 0, device, errors, clock).items():
+            times[k].extend(ts)
+        done += step
+    return times
+
+
 def time_runner(runner: Runner, repeats: int, warmup: int = 1) -> List[float]:
     """Milliseconds of ``repeats`` timed runs after ``warmup`` untimed ones (prepare() untimed)."""
-    sync = _sync(runner.device)
-    for _ in range(warmup):
-        runner.prepare()
-        runner.run()
-    times = []
-    for _ in range(repeats):
-        runner.prepare()
-        sync()
-        t0 = time.perf_counter()
-        runner.run()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return [t * 1e3 for t in time_rounds({"r": runner}, repeats, warmup, runner.device)["r"]]
 
 
 # ------------------------------------------------------------------------------ rows
@@ -574,10 +527,23 @@ class Row:
     peak_mem_bytes: Optional[int] = None
     held_bytes: Optional[int] = None
     skipped_steps: Optional[int] = None  # fastaccum: updates skipped on inf/nan (should be 0)
+    spread: Optional[float] = None  # interquartile range / median of times_ms
+    noisy: bool = False  # spread still above STABLE_SPREAD after extending the rounds
+    working_set_bytes: Optional[int] = None  # params + grads + state: what one step streams over
+    in_cache: Optional[bool] = None  # working set <= 2 x last-level cache: % BW is not a DRAM figure
+    like_for_like: Optional[str] = None  # the torch-fused row with the same state precision
+    speedup_like_for_like: Optional[float] = None
+    ratio_spread: Optional[List[float]] = None  # [q1, q3] of the per-round ratios vs like_for_like
 
-    def finish(self, bandwidth_gbps: Optional[float]) -> None:
+    def finish(self, bandwidth_gbps: Optional[float], llc_bytes: Optional[int] = None) -> None:
         if not self.times_ms:
             return
+        self.spread = spread(self.times_ms)
+        self.noisy = self.spread is not None and self.spread > STABLE_SPREAD
+        if self.working_set_bytes is None and self.held_bytes:
+            self.working_set_bytes = self.held_bytes
+        if llc_bytes and self.working_set_bytes:
+            self.in_cache = self.working_set_bytes <= 2 * llc_bytes
         self.median_ms = statistics.median(self.times_ms)
         self.min_ms, self.max_ms = min(self.times_ms), max(self.times_ms)
         secs = self.median_ms / 1e3
@@ -601,20 +567,9 @@ def _est_bytes(impl: str, n: int, dtype: str) -> int:
     return n * 4 * e
 
 
-def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 1024**3
-
-
 def run_group(impls: Sequence[Tuple[str, Optional[str]]], n: int, dtype: str, mode: str, accum: int,
               device: torch.device, repeats: int, warmup: int, on_row: Callable[[], None] = lambda: None,
-              interleave: Optional[bool] = None) -> Tuple[List[Row], str]:
+              interleave: Optional[bool] = None, deadline: Optional[float] = None) -> Tuple[List[Row], str]:
     """Time every implementation on the same parameters/gradients; return rows and the schedule.
 
     When everything fits in half the free memory, all runners are built first and timed
@@ -636,7 +591,7 @@ def run_group(impls: Sequence[Tuple[str, Optional[str]]], n: int, dtype: str, mo
     sets = min(accum, 2) if mode == "cycle" else 1
     need = sum(_est_bytes(name, n, dtype) for name in live) + sets * n * (4 if dtype == "fp32" else 2)
     if interleave is None:
-        interleave = device.type != "cpu" or need < 0.5 * _mem_available()
+        interleave = device.type != "cpu" or need < 0.5 * available_memory()
     schedule = "interleaved" if interleave else "sequential"
     probe = MemoryProbe(device)
     params0 = make_params(n, DTYPES[dtype], device)
@@ -653,8 +608,13 @@ def run_group(impls: Sequence[Tuple[str, Optional[str]]], n: int, dtype: str, mo
             for k in range(max(2, warmup)):
                 r.prepare()
                 r.run(probe=(k == 1))
-        except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as e:
-            # a third-party optimizer that refuses this dtype/device is a row error, not a crash
+        except Exception as e:  # noqa: BLE001
+            # a third-party optimizer that refuses this dtype/device, or whose native op fails to
+            # build or load on first use (DeepSpeed compiles its CPU Adam at construction), is a
+            # row error, not a crash; fastaccum's and torch's own rows must not fail here
+            if not name.startswith("deepspeed") and not isinstance(
+                    e, (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError)):
+                raise
             row.status, row.reason = "error", f"{type(e).__name__}: {e}"
             return None
         row.peak_mem_bytes = probe.stop()
@@ -665,29 +625,15 @@ def run_group(impls: Sequence[Tuple[str, Optional[str]]], n: int, dtype: str, mo
         rows[name].skipped_steps = getattr(r.opt, "skipped_steps", None)
         r.close()
 
+    errors: Dict[str, str] = {}
     if interleave:
         runners = {}
         for name in live:
             r = build(name)
             if r is not None:
                 runners[name] = r
-        sync = _sync(device)
-        order = list(runners)
-        for k in range(repeats):
-            rot = order[k % len(order):] + order[: k % len(order)] if order else []
-            for name in rot:
-                r = runners[name]
-                try:
-                    r.prepare()
-                    sync()
-                    t0 = time.perf_counter()
-                    r.run()
-                    sync()
-                except (RuntimeError, ValueError) as e:
-                    rows[name].status, rows[name].reason = "error", f"{type(e).__name__}: {e}"
-                    order.remove(name)
-                    continue
-                rows[name].times_ms.append((time.perf_counter() - t0) * 1e3)
+        for name, ts in time_until_stable(runners, repeats, device=device, errors=errors, deadline=deadline).items():
+            rows[name].times_ms = [t * 1e3 for t in ts]
         on_row()
         for name, r in runners.items():
             retire(name, r)
@@ -696,14 +642,14 @@ def run_group(impls: Sequence[Tuple[str, Optional[str]]], n: int, dtype: str, mo
         for name in live:
             r = build(name)
             if r is not None:
-                try:
-                    rows[name].times_ms = time_runner(r, repeats, warmup=0)
-                except (RuntimeError, ValueError) as e:
-                    rows[name].status, rows[name].reason = "error", f"{type(e).__name__}: {e}"
+                ts = time_until_stable({name: r}, repeats, device=device, errors=errors, deadline=deadline)[name]
+                rows[name].times_ms = [t * 1e3 for t in ts]
                 retire(name, r)
                 del r
             release_free_memory()
         on_row()
+    for name, why in errors.items():
+        rows[name].status, rows[name].reason = "error", why
     for row in rows.values():
         if row.status == "ok" and not row.times_ms:
             row.status = "error"
@@ -713,8 +659,28 @@ def run_group(impls: Sequence[Tuple[str, Optional[str]]], n: int, dtype: str, mo
     return [rows[name] for name, _ in impls], schedule
 
 
+def _paired_ratios(ref: Sequence[float], row: Sequence[float]) -> List[float]:
+    """ref/row per round: interleaved rounds ran back to back, so a busy moment hits both."""
+    return [a / b for a, b in zip(ref, row) if b > 0]
+
+
+def like_for_like(row: Row) -> Tuple[str, str]:
+    """(dtype of the torch-fused row to compare ``row`` with, why).
+
+    fastaccum with bf16/fp16 parameters keeps fp32 master weights and fp32 moments (30 B/param
+    per step); torch with bf16 parameters keeps everything in bf16 (14 B/param, updates below
+    half a bf16 ulp are lost). The torch run with the same fp32 masters and moments is torch
+    on fp32 parameters, so that is the like-for-like reference.
+    """
+    if row.family == "fastaccum" and row.dtype != "fp32":
+        return "fp32", "same fp32 master weights and moments"
+    return row.dtype, "same parameters and state"
+
+
 def add_ratios(rows: Sequence[Row]) -> None:
-    """speedup = median time of torch fused (foreach) AdamW / median time of the row, per group."""
+    """speedup = median time of torch fused (foreach) AdamW / median time of the row, per group;
+    ``speedup_like_for_like`` against the torch-fused row with the same state precision
+    (:func:`like_for_like`), with the quartiles of the per-round ratios as its spread."""
     groups: Dict[Tuple[str, str, int], Dict[str, Row]] = {}
     for r in rows:
         groups.setdefault((r.mode, r.dtype, r.params), {})[r.impl] = r
@@ -726,6 +692,62 @@ def add_ratios(rows: Sequence[Row]) -> None:
             for r in g.values():
                 if r.median_ms:
                     setattr(r, attr, ref.median_ms / r.median_ms)
+    for r in rows:
+        if not r.median_ms:
+            continue
+        dtype, why = like_for_like(r)
+        ref = groups.get((r.mode, dtype, r.params), {}).get(REFERENCE_IMPL)
+        if ref is None or not ref.median_ms:
+            continue
+        r.like_for_like = f"{REFERENCE_IMPL} {dtype} ({why})"
+        r.speedup_like_for_like = ref.median_ms / r.median_ms
+        pr = _paired_ratios(ref.times_ms, r.times_ms)
+        if len(pr) >= 2:
+            # the median of the per-round ratios, so the figure lies inside its own quartiles
+            q1, med, q3 = statistics.quantiles(pr, n=4, method="inclusive")
+            r.speedup_like_for_like, r.ratio_spread = med, [q1, q3]
+
+
+def verdict(rows: Sequence[Dict[str, Any]], accum: int) -> Dict[str, Any]:
+    """The answer first: the preferred fastaccum backend against torch's fused AdamW, like for
+    like (:func:`like_for_like`), one line per (mode, dtype), one cell per size, each a median
+    ratio with the quartiles of its per-round ratios and a noisy flag."""
+    ok = [r for r in rows if r["status"] == "ok" and r["family"] == "fastaccum" and r["speedup_like_for_like"]]
+    if not ok:
+        return {"impl": None, "lines": []}
+    impl = ok[0]["impl"]  # implementations() lists fastaccum's backends in the order auto prefers them
+    by_key = {(r["impl"], r["mode"], r["dtype"], r["params"]): r for r in rows}
+    lines = []
+    for mode in MODES:
+        for dtype in DTYPES:
+            cells = []
+            for r in sorted((r for r in ok if r["impl"] == impl and r["mode"] == mode and r["dtype"] == dtype),
+                            key=lambda r: r["params"]):
+                ref_dtype = "fp32" if dtype != "fp32" else dtype
+                ref = by_key.get((REFERENCE_IMPL, mode, ref_dtype, r["params"]), {})
+                sp = r["ratio_spread"]
+                wide = bool(sp) and (sp[1] - sp[0]) > 2 * STABLE_SPREAD * r["speedup_like_for_like"]
+                cells.append({"params": r["params"], "ratio": r["speedup_like_for_like"],
+                              "spread": sp, "noisy": bool(r["noisy"] or ref.get("noisy") or wide),
+                              "bytes": r["bytes_per_param"], "ref_bytes": ref.get("bytes_per_param")})
+            if not cells:
+                continue
+            what = "step" if mode == "step" else f"accumulation window x{accum}"
+            if dtype == "fp32":
+                vs = "torch fused, fp32 params (same bytes)" if cells[0]["bytes"] == cells[0]["ref_bytes"] else \
+                    "torch fused, fp32 params"
+            else:
+                vs = (f"torch fused on fp32 params: both keep fp32 weights and moments "
+                      f"(torch with {dtype} params keeps {dtype} moments: see the table)")
+            ratios = [c["ratio"] for c in cells]
+            lines.append({"mode": mode, "dtype": dtype, "what": f"{what}, {dtype} params", "vs": vs,
+                          "min_ratio": min(ratios), "max_ratio": max(ratios), "cells": cells,
+                          "noisy": any(c["noisy"] for c in cells)})
+    return {"impl": impl, "reference": REFERENCE_IMPL, "lines": lines,
+            "definition": "ratio = torch time / fastaccum time (>1: fastaccum faster), median over rounds; "
+                          "[q1-q3] = quartiles of the per-round ratios; ~ = noisy (a row's spread stayed above "
+                          f"{STABLE_SPREAD:.0%} after extra rounds, or the quartiles are more than "
+                          f"{2 * STABLE_SPREAD:.0%} apart)"}
 
 
 # --------------------------------------------------------------------------- machine
@@ -824,6 +846,7 @@ class BenchConfig:
     impls: Optional[List[str]] = None  # filter by name prefix (e.g. "fastaccum", "torch-fused")
     quick: bool = False
     bandwidth_bytes: Optional[int] = None
+    extend_budget_s: Optional[float] = None  # no extra rounds for noisy rows after this many seconds
 
 
 def run_suite(cfg: BenchConfig, progress: Optional[Callable[[int, str], None]] = None) -> Dict[str, Any]:
@@ -835,6 +858,7 @@ def run_suite(cfg: BenchConfig, progress: Optional[Callable[[int, str], None]] =
     if cfg.impls:
         impls = [(n, w) for n, w in impls if any(n.startswith(f) for f in cfg.impls)]
     t0 = time.time()
+    deadline = time.monotonic() + cfg.extend_budget_s if cfg.extend_budget_s else None
     # one tiny untimed group first: lazy initialisation (thread pools, first-use code paths,
     # allocator arenas) would otherwise land in the first row's time and peak memory
     run_group(impls, 10_000, cfg.dtypes[0], cfg.modes[0], cfg.accum, device, repeats=1, warmup=2)
@@ -850,7 +874,8 @@ def run_suite(cfg: BenchConfig, progress: Optional[Callable[[int, str], None]] =
         for dtype in cfg.dtypes:
             for mode in cfg.modes:
                 label = f"{format_count(n)} {dtype} {mode}"
-                group, sched = run_group(impls, n, dtype, mode, cfg.accum, device, cfg.repeats, cfg.warmup)
+                group, sched = run_group(impls, n, dtype, mode, cfg.accum, device, cfg.repeats, cfg.warmup,
+                                         deadline=deadline)
                 schedules[label] = sched
                 rows.extend(group)
                 b = measure_bandwidth(device, cfg.bandwidth_bytes, repeats=3)
@@ -858,13 +883,14 @@ def run_suite(cfg: BenchConfig, progress: Optional[Callable[[int, str], None]] =
                 if progress:
                     progress(len(impls), label)
     bw.copy_gbps, bw.triad_gbps, bw.update_gbps = (max(col) for col in zip(*samples))
+    llc = _llc_bytes() if device.type == "cpu" else None
     for r in rows:
-        r.finish(bw.reference_gbps)
+        r.finish(bw.reference_gbps, llc)
     add_ratios(rows)
     cfg_dict = asdict(cfg)
     cfg_dict.update(lr=LR, betas=list(BETAS), eps=EPS, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
                     loss_scale="dynamic (cycle rows)", reference_impl=REFERENCE_IMPL, schedules=schedules)
-    return {
+    result = {
         "schema": SCHEMA,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "elapsed_s": round(time.time() - t0, 2),
@@ -872,12 +898,18 @@ def run_suite(cfg: BenchConfig, progress: Optional[Callable[[int, str], None]] =
         "config": cfg_dict,
         "machine": machine_info(device),
         "versions": versions(),
-        "bandwidth": {**asdict(bw), "reference_gbps": bw.reference_gbps,
+        "bandwidth": {**asdict(bw), "reference_gbps": bw.reference_gbps, "llc_bytes": llc,
                       "samples_update_gbps": [round(u, 3) for _, _, u in samples]},
         "definitions": {
             "median_ms": "median wall time of one step (mode=step) or one accumulation window (mode=cycle)",
             "gbps": "bytes_per_param * params / median time (see bytes_note; minimum traffic of the row's algorithm)",
-            "pct_bandwidth": "gbps / bandwidth.reference_gbps * 100",
+            "pct_bandwidth": "gbps / bandwidth.reference_gbps * 100. The reference streams arrays >= 4x the "
+                             "last-level cache (a DRAM figure); a row whose working set fits in about twice the "
+                             "cache (in_cache) is partly served from cache and can pass 100: not a bound there",
+            "spread": "interquartile range / median of times_ms; rows above 0.10 after up to 3x the rounds are noisy",
+            "speedup_like_for_like": "median time of the torch-fused row with the same state precision (see "
+                                     "like_for_like) / median time of this row; ratio_spread: quartiles of the "
+                                     "per-round ratios",
             "speedup_vs_torch_fused": "median time of torch-fused / median time of this row (>1: faster)",
             "peak_mem_bytes": "peak memory added while building the row and running its first iteration "
                               "(CUDA: max_memory_allocated; CPU: peak RSS, VmHWM after clear_refs)",
@@ -885,6 +917,8 @@ def run_suite(cfg: BenchConfig, progress: Optional[Callable[[int, str], None]] =
         },
         "rows": [_clean(asdict(r)) for r in rows],
     }
+    result["verdict"] = verdict(result["rows"], cfg.accum)
+    return result
 
 
 def _clean(d: Dict[str, Any]) -> Dict[str, Any]:

@@ -54,9 +54,13 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import units as _units
+from .memory import MemoryProbe, release_free_memory
+from .memory import device_free_memory as _device_free_memory
+from .units import fmt_bytes, format_count
 
 KORTHIKANTI = "Korthikanti et al. 2022, eq. (2), https://arxiv.org/abs/2205.05198"
 MAREK = "Marek et al. 2025 (https://arxiv.org/abs/2507.07101)"
@@ -67,38 +71,12 @@ class PlanError(ValueError):
 
 
 # --------------------------------------------------------------------------- units
-_MEM_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-
-
 def parse_memory(text: str, arg: str = "--memory") -> int:
     """``"6GB"`` -> 6_000_000_000 (SI), ``"6GiB"`` -> 6 * 2**30 (binary); a bare number is bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not m:
-        if str(text).strip().startswith("-"):
-            raise PlanError(f"{arg} {text!r}: memory must be > 0 (e.g. 6GB)")
-        raise PlanError(f"{arg} {text!r} is not a size; write a number and a unit, e.g. 6GB, 512MiB")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    if unit not in _MEM_UNITS:
-        raise PlanError(f"{arg} {text!r}: unknown unit {m.group(2)!r}; use B, KB, MB, GB, TB (powers of 1000) "
-                        "or KiB, MiB, GiB, TiB (powers of 1024)")
-    n = int(value * _MEM_UNITS[unit])
-    if n <= 0:
-        raise PlanError(f"{arg} {text!r}: memory must be > 0 (e.g. 6GB)")
-    return n
-
-
-def fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= div:
-            v = n / div
-            return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
-    return f"{n:.0f} B"
+    try:
+        return _units.parse_memory(text, arg)
+    except _units.UnitError as e:
+        raise PlanError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- model
@@ -114,6 +92,7 @@ class ModelSpec:
     heads: Optional[int] = None
     largest_tensor: Optional[int] = None  # elements of the biggest parameter (bf16 transient gradient)
     source: str = "given"
+    inferred: Dict[str, str] = field(default_factory=dict)  # shape field -> where its value came from
 
     def has_shape(self) -> bool:
         return all(x is not None for x in (self.layers, self.hidden, self.seq_len))
@@ -123,6 +102,66 @@ def gpt_param_count(layers: int, hidden: int, vocab: int = 0, seq_len: int = 0) 
     """GPT-2-style count: 12h^2 + 13h per block (qkv, proj, 4h MLP, biases, 2 LayerNorms),
     tied token embedding V·h, learned positions s·h, final LayerNorm 2h."""
     return layers * (12 * hidden * hidden + 13 * hidden) + vocab * hidden + seq_len * hidden + 2 * hidden
+
+
+@dataclass(frozen=True)
+class StandardShape:
+    name: str
+    params: int  # the published (nominal) count
+    layers: int
+    hidden: int
+    heads: int
+    context: int
+    vocab: int = 50257
+
+
+# GPT-2 (Radford et al. 2019, Table 2; context 1024) and GPT-3 (Brown et al. 2020, Table 2.1,
+# https://arxiv.org/abs/2005.14165; context 2048), both with the 50257-token BPE vocabulary.
+# GPT-3 13B is listed with hidden 5140; 40 heads of 128 make 5120, used here.
+STANDARD_SHAPES: Tuple[StandardShape, ...] = (
+    StandardShape("GPT-2 small", 124_000_000, 12, 768, 12, 1024),
+    StandardShape("GPT-3 Medium", 350_000_000, 24, 1024, 16, 2048),
+    StandardShape("GPT-2 medium", 355_000_000, 24, 1024, 16, 1024),
+    StandardShape("GPT-3 Large", 760_000_000, 24, 1536, 16, 2048),
+    StandardShape("GPT-2 large", 774_000_000, 36, 1280, 20, 1024),
+    StandardShape("GPT-3 XL", 1_300_000_000, 24, 2048, 24, 2048),
+    StandardShape("GPT-2 XL", 1_500_000_000, 48, 1600, 25, 1024),
+    StandardShape("GPT-3 2.7B", 2_700_000_000, 32, 2560, 32, 2048),
+    StandardShape("GPT-3 6.7B", 6_700_000_000, 32, 4096, 32, 2048),
+    StandardShape("GPT-3 13B", 13_000_000_000, 40, 5120, 40, 2048),
+    StandardShape("GPT-3 175B", 175_000_000_000, 96, 12288, 96, 2048),
+)
+
+
+def nearest_shape(params: int) -> StandardShape:
+    """The standard GPT shape whose published parameter count is nearest (by ratio) to ``params``."""
+    return min(STANDARD_SHAPES, key=lambda sh: abs(math.log(params / sh.params)))
+
+
+def infer_shape(spec: ModelSpec) -> ModelSpec:
+    """Fill the shape numbers the user left out from the nearest standard GPT shape (by
+    parameter count) and record each one in ``spec.inferred``; given numbers are kept.
+
+    Without ``--seq-len`` the sequence length is that shape's context (1024 for GPT-2
+    sizes, 2048 for GPT-3 sizes).
+    """
+    if spec.has_shape():
+        return spec
+    sh = nearest_shape(spec.params)
+    why = f"{sh.name} ({format_count(sh.params)} params), nearest standard shape to {format_count(spec.params)}"
+    fill = {"layers": sh.layers, "hidden": sh.hidden, "vocab": sh.vocab}
+    if spec.hidden is None:
+        fill["heads"] = sh.heads  # heads go with the hidden size they divide
+    for key, value in fill.items():
+        if getattr(spec, key) is None:
+            setattr(spec, key, value)
+            spec.inferred[key] = why
+    if spec.seq_len is None:
+        spec.seq_len = sh.context
+        spec.inferred["seq_len"] = f"default: the context of {sh.name}"
+    if spec.largest_tensor is None and spec.hidden:
+        spec.largest_tensor = max(4 * spec.hidden * spec.hidden, (spec.vocab or 0) * spec.hidden)
+    return spec
 
 
 def load_factory(path: str) -> Callable[..., Any]:
@@ -276,14 +315,17 @@ class ModeRow:
     accumulation_steps: Optional[int] = None
     effective_batch: Optional[int] = None
     reaches_target: Optional[bool] = None
+    exact: Optional[bool] = None  # effective batch == target
     note: Optional[str] = None
 
 
 def split_batch(target_per_device: int, max_micro: int, can_accumulate: bool = True) -> Tuple[int, int]:
-    """(micro-batch, accumulation steps) reaching ``target_per_device`` with micro <= max_micro.
+    """(micro-batch, accumulation steps) with micro x steps == ``target_per_device`` exactly.
 
-    The fewest accumulation steps, then the smallest micro-batch that still reaches the target
-    (balanced micro-batches: 100 with max 48 -> 34 x 3, not 48 x 3), preferring an exact split.
+    The largest micro-batch that fits (<= ``max_micro``) *and* divides the target: a recipe's
+    batch is reproduced exactly (256 with max 11 -> 8 x 32, not 11 x 24 = 264). A micro-batch
+    of 1 always divides, so with accumulation the target is always hit; without accumulation
+    (step-in-backward) the micro-batch is the batch, capped at ``max_micro``.
     """
     if max_micro < 1:
         return 0, 0
@@ -291,17 +333,16 @@ def split_batch(target_per_device: int, max_micro: int, can_accumulate: bool = T
         return target_per_device, 1
     if not can_accumulate:
         return max_micro, 1
-    accum = math.ceil(target_per_device / max_micro)
-    # an exact split (micro x accum == target) is worth up to 25% more micro-steps: a recipe's
-    # batch size is then reproduced exactly (256 with max 5 -> 4 x 64, not 5 x 52 = 260)
-    for k in range(accum, int(accum * 1.25) + 1):
-        if target_per_device % k == 0 and target_per_device // k <= max_micro:
-            return target_per_device // k, k
-    return math.ceil(target_per_device / accum), accum
+    micro = next(d for d in range(max_micro, 0, -1) if target_per_device % d == 0)
+    return micro, target_per_device // micro
 
 
 def beta2_for(beta2: float, batch: float, ref_batch: float) -> float:
-    """Marek et al. 2025 half-life rule: ``β2 ** (batch / ref_batch)`` (same sequence length)."""
+    """Marek et al. 2025 half-life rule: ``β2 ** (batch / ref_batch)`` (same sequence length).
+
+    The only place the planner rescales β2: when the library gains its own rescaling
+    function, this body becomes a call to it.
+    """
     return beta2 ** (batch / ref_batch)
 
 
@@ -348,7 +389,7 @@ def plan(inp: PlanInput) -> Dict[str, Any]:
 
     target_batch = inp.target_batch
     if inp.target_tokens is not None:
-        if not spec.seq_len:
+        if not spec.seq_len or "seq_len" in spec.inferred:
             raise PlanError("--tokens needs --seq-len (tokens per sequence) to turn tokens into sequences")
         target_batch = math.ceil(inp.target_tokens / spec.seq_len)
     per_device_target = math.ceil(target_batch / inp.devices) if target_batch else None
@@ -385,8 +426,11 @@ def plan(inp: PlanInput) -> Dict[str, Any]:
             row.micro_batch, row.accumulation_steps = micro, accum
             row.effective_batch = micro * accum * inp.devices
             row.reaches_target = row.effective_batch >= target_batch
+            row.exact = row.effective_batch == target_batch
             if not m.can_accumulate and not row.reaches_target:
                 row.note = "no accumulation"
+            elif not row.exact:
+                row.note = f"not exact: {target_batch} over {inp.devices} devices"
         else:
             row.micro_batch, row.accumulation_steps = max_micro, 1
             row.effective_batch = max_micro * inp.devices
@@ -433,6 +477,18 @@ def _recommend(inp: PlanInput, spec: ModelSpec, chosen: ModeRow, target_batch: O
         "half_life_tokens": half_life_tokens(inp.beta2, ref, spec.seq_len),
         "rule": f"beta2* = beta2 ** (B*/B), same token half-life of exp_avg_sq, {MAREK}",
     }
+    if target_batch and not chosen.exact and chosen.reaches_target is not None:
+        out["notes"].append(
+            f"the target batch {target_batch} cannot be hit exactly: it does not split evenly over {inp.devices} "
+            f"devices; {chosen.effective_batch} is the nearest above it")
+    if (target_batch and chosen.exact and (chosen.accumulation_steps or 1) > 1 and chosen.micro_batch
+            and chosen.micro_batch * 2 <= chosen.max_micro_batch):
+        alt = math.ceil(math.ceil(target_batch / inp.devices) / chosen.max_micro_batch)
+        alt_micro = math.ceil(math.ceil(target_batch / inp.devices) / alt)
+        out["notes"].append(
+            f"{chosen.micro_batch} is the largest micro-batch that divides the target exactly (up to "
+            f"{chosen.max_micro_batch} fits); {alt_micro} x {alt} = {alt_micro * alt * inp.devices} needs fewer "
+            "micro-steps but changes the batch")
     if (chosen.accumulation_steps or 1) > 1 and inp.devices == 1:
         out["notes"].append(
             f"on one device {MAREK} recommend training at the batch that fits "
@@ -475,8 +531,6 @@ def measure_activations(model: Any, make_input: Callable[[int], Any], device: An
     extrapolate to) exceeds the budget: the search stays under it.
     """
     import torch
-
-    from .benchmark import MemoryProbe, release_free_memory
 
     device = torch.device(device)
     model.to(device).train()
@@ -586,18 +640,123 @@ def measure_activations(model: Any, make_input: Callable[[int], Any], device: An
 
 
 def device_free_memory(device: Any) -> Tuple[int, str]:
-    """Free memory of ``device``: CUDA ``mem_get_info``; CPU ``MemAvailable`` of /proc/meminfo."""
+    """Free memory of ``device`` (see :func:`fastaccum.tools.memory.device_free_memory`)."""
+    free, source = _device_free_memory(device)
+    if free is None:
+        raise PlanError("cannot read the free memory of this machine; pass --memory (e.g. --memory 16GB)")
+    return free, source
+
+
+# ----------------------------------------------------------------- the command
+@dataclass
+class PlanOptions:
+    """Everything ``fastaccum plan`` takes, as parsed (no arithmetic done yet)."""
+
+    memory: Optional[str] = None  # as typed, e.g. "6GB"; None: free memory of ``device``
+    params: Optional[int] = None
+    layers: Optional[int] = None
+    hidden: Optional[int] = None
+    seq_len: Optional[int] = None
+    vocab: Optional[int] = None
+    heads: Optional[int] = None
+    model: Optional[str] = None  # module:factory
+    input: Optional[str] = None  # module:fn, for --measure
+    measure: bool = False
+    device: Any = None  # torch.device for --measure and the default --memory
+    headroom: float = 0.10
+    batch: Optional[int] = None
+    tokens: Optional[int] = None
+    devices: int = 1
+    dtype: str = "bf16"
+    attention: str = "flash"
+    beta2: float = 0.999
+    beta2_batch: Optional[int] = None
+
+
+def _input_fn(opts: PlanOptions, model: Any) -> Callable[[int], Any]:
+    if opts.input:
+        try:
+            return load_factory(opts.input)
+        except PlanError as e:
+            raise PlanError(str(e).replace("--model", "--input")) from None
+    fn = getattr(model, "example_input", None)
+    if not callable(fn):
+        raise PlanError("--measure needs the model's input: pass --input module:fn (fn(batch_size) -> tensor) or "
+                        "give the module an example_input(batch_size) method")
+    return fn
+
+
+def model_spec(opts: PlanOptions) -> ModelSpec:
+    """The model as the options describe it: a factory, a parameter count and/or shape numbers."""
+    if opts.model:
+        model = build_model(opts.model)
+        spec = spec_from_module(model, opts.model)
+        for k in ("layers", "hidden", "seq_len", "vocab", "heads"):
+            if getattr(opts, k) is not None:
+                setattr(spec, k, getattr(opts, k))
+        if opts.params is not None:
+            raise PlanError("--params and --model both give the parameter count; drop --params")
+        return spec
+    if opts.params is None and not (opts.layers and opts.hidden):
+        raise PlanError("give the model: --params N (with --layers --hidden --seq-len for activations), "
+                        "--layers/--hidden/--seq-len/--vocab, or --model module:factory")
+    params = opts.params if opts.params is not None else gpt_param_count(
+        opts.layers, opts.hidden, opts.vocab or 0, opts.seq_len or 0)
+    largest = None
+    if opts.hidden:
+        largest = max(4 * opts.hidden * opts.hidden, (opts.vocab or 0) * opts.hidden)
+    return ModelSpec(params=params, layers=opts.layers, hidden=opts.hidden, seq_len=opts.seq_len,
+                     vocab=opts.vocab, heads=opts.heads, largest_tensor=largest,
+                     source="--params" if opts.params is not None else "GPT-2 count from the shape")
+
+
+def _measure(opts: PlanOptions, spec: ModelSpec, memory: int) -> Dict[str, Any]:
     import torch
 
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free), f"free memory of {device} (torch.cuda.mem_get_info)"
+    device = opts.device
+    real = build_model(opts.model, device=device)
+    make_input = _input_fn(opts, real)
+    usable = int(memory * (1 - opts.headroom))
+    mode = next(m for m in MODES if m.key == ("fastaccum-fp32" if opts.dtype == "fp32" else "fastaccum-bf16-master"))
+    static = spec.params * mode.static_per_param
+    if static >= usable:
+        raise PlanError(f"--memory {fmt_bytes(memory)}: the {fmt_bytes(static)} of parameters, buffers and "
+                        f"optimizer state of {mode.label} leave nothing for activations; give more memory")
+
+    def wrapped(b: int) -> Any:
+        try:
+            return make_input(b)
+        except Exception as e:  # noqa: BLE001 - user code: report, do not crash
+            raise PlanError(f"--measure: the input function raised {type(e).__name__}: {e}") from None
+
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable of /proc/meminfo"
-    except OSError:
-        pass
-    raise PlanError("cannot read the free memory of this machine; pass --memory (e.g. --memory 16GB)")
+        measured = measure_activations(real, wrapped, device, usable, static_bytes=static)
+    except (RuntimeError, TypeError, ValueError) as e:
+        if isinstance(e, PlanError):
+            raise
+        raise PlanError(f"--measure: running the model failed: {type(e).__name__}: {e}") from None
+    del real
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return measured
+
+
+def make_plan(opts: PlanOptions) -> Dict[str, Any]:
+    """``fastaccum plan`` without the printing: options in, the plan dict (schema ``fastaccum.plan/1``) out."""
+    if opts.measure and not opts.model:
+        raise PlanError("--measure runs a real model: give --model module:factory")
+    if opts.input and not opts.measure:
+        raise PlanError("--input is only used with --measure; add --measure or drop --input")
+    spec = model_spec(opts)
+    if opts.memory:
+        memory, source = parse_memory(opts.memory), "--memory"
+    else:
+        memory, source = device_free_memory(opts.device or "cpu")
+    if not opts.measure:
+        infer_shape(spec)
+    measured = _measure(opts, spec, memory) if opts.measure else None
+    return plan(PlanInput(
+        spec=spec, memory_bytes=memory, memory_source=source, target_batch=opts.batch, target_tokens=opts.tokens,
+        devices=opts.devices, headroom=opts.headroom, attention=opts.attention, beta2=opts.beta2,
+        beta2_batch=opts.beta2_batch, dtype=opts.dtype, measured=measured,
+    ))
