@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .backends import AdamHyper, AdamSegments
 from .buffers import Bucket
-from .checks import as_float, check_betas, check_nonneg
+from .checks import as_float, check_betas, check_nonneg, device_lr
 from .optimizer import AccumOptimizer
 from .scaling import LossScaleArg
 
@@ -91,6 +91,16 @@ class Adam(AccumOptimizer):
             exp_avg_sqs=pick("exp_avg_sq"), max_exp_avg_sqs=pick("max_exp_avg_sq"), masters=pick("master_param"),
             steps=steps,
         )
+
+    def _flat_state_args(self, bucket: Bucket) -> List[Optional[Tensor]]:
+        st = bucket.flat_state
+        return [st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"), st.get("master_param")]
+
+    def _device_hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        beta1, beta2 = check_betas(group["betas"])
+        return dict(lr=device_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), decoupled=bool(group["decoupled_weight_decay"]),
+                    maximize=bool(group["maximize"]))
 
     def _hyper(self, group: Dict[str, Any], grad_multiplier: float, stochastic_rounding: bool, seed: int) -> AdamHyper:
         beta1, beta2 = check_betas(group["betas"])

@@ -120,6 +120,10 @@ class Bucket:
                 self.grad_views[i].zero_()
                 self.garbage[i] = False
 
+    def use_steps(self, steps: Tensor) -> None:
+        """Keep the step counts in ``steps`` (a view of the optimizer-wide device tensor)."""
+        self.steps = steps
+
     def live_indices(self) -> List[int]:
         return [i for i, is_live in enumerate(self.live) if is_live]
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from .backends import resolve_backend
 from .buffers import Bucket
 from .checks import as_float
+from .resident import ResidentStep
 from .scaling import LossScaler, LossScaleArg
 from .window import AccumulationWindow
 
@@ -99,7 +100,8 @@ class AccumOptimizer(torch.optim.Optimizer):
         self.master_weights = master_weights
         self.state_dtype = state_dtype
         self.step_in_backward = bool(step_in_backward)
-        self.skipped_steps = 0
+        self._skipped_on_host = 0
+        self._resident: Optional[ResidentStep] = None
         self._scaler = scaler
         self._window = AccumulationWindow(accumulation_steps, scaler, self.step_in_backward)
         self._backend_request = backend
@@ -109,6 +111,36 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._norm_cache: Optional[float] = None  # raw buffer norm, valid until new gradients arrive
         super().__init__(params, defaults)
         weakref.finalize(self, _remove_hooks, self._hook_handles)
+        self._start_resident()
+
+    def _start_resident(self) -> None:
+        """Keep the step's decisions on the device when every bucket runs bucket kernels on
+        one device (the triton backend): no step then reads a device value on the host."""
+        backends = {b.backend for b in self._buckets}
+        devices = {b.device for b in self._buckets}
+        if (self.step_in_backward or len(backends) != 1 or len(devices) != 1
+                or not all(b.backend.device_resident for b in self._buckets)):
+            return
+        backend, device = backends.pop(), devices.pop()
+        self._resident = ResidentStep(backend.bucket, device)
+        self._window.to_device(backend.bucket, device)
+        self._adopt_device_steps()
+
+    def _adopt_device_steps(self) -> None:
+        self._resident.adopt_steps(self._buckets)
+        for bucket in self._buckets:  # state[p]["step"] follows the counts to the device
+            for i, p in enumerate(bucket.params):
+                if self.state.get(p):
+                    self.state[p]["step"] = bucket.steps[i]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for inf/nan gradients (on a device-resident step, reading it syncs)."""
+        return self._skipped_on_host + self._window.skipped_on_device()
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_on_host = int(value) - self._window.skipped_on_device()
 
     # ------------------------------------------------------------------ setup
     def _check_group(self, group: Dict[str, Any]) -> None:
@@ -142,14 +174,27 @@ class AccumOptimizer(torch.optim.Optimizer):
         merged = {**self.defaults, **param_group}
         self._check_group(merged)
         backends = {p.device: resolve_backend(self._backend_request, p.device) for p in params}
+        if self._resident is not None and any(
+            d != self._resident.device or not b.device_resident for d, b in backends.items()
+        ):
+            raise ValueError(
+                f"this optimizer keeps its step on {self._resident.device} (backend {self._backend_request!r}); "
+                "a param group on another device or backend cannot join it: create a second optimizer for it"
+            )
 
         super().add_param_group({**param_group, "params": params})
         group_index = len(self.param_groups) - 1
-        by_key: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = {}
+        by_key: Dict[Tuple[torch.device, torch.dtype, bool], List[Tensor]] = {}
         for p in self.param_groups[-1]["params"]:
-            by_key.setdefault((p.device, p.dtype), []).append(p)
-        for (device, _), ps in by_key.items():
-            self._add_bucket(Bucket(ps, group_index, backends[device], with_buffer=not self.step_in_backward))
+            # bucket kernels write parameters in element order: a non-contiguous parameter
+            # (channels_last, a transposed view) goes to a bucket of the torch backend
+            dense = p.is_contiguous() or not backends[p.device].device_resident
+            by_key.setdefault((p.device, p.dtype, dense), []).append(p)
+        for (device, _, dense), ps in by_key.items():
+            backend = backends[device] if dense else resolve_backend("torch", device)
+            self._add_bucket(Bucket(ps, group_index, backend, with_buffer=not self.step_in_backward))
+        if self._resident is not None:
+            self._adopt_device_steps()
 
     def _add_bucket(self, bucket: Bucket) -> None:
         bi = len(self._buckets)
@@ -228,13 +273,20 @@ class AccumOptimizer(torch.optim.Optimizer):
             raise TypeError(f"Invalid loss: expected a Tensor, got {type(loss).__name__}")
         if weight is None:
             w = 1.0
+        elif self._resident is not None and isinstance(weight, Tensor):
+            # read on the device, not here (reading would wait for the GPU): a weight that is
+            # not a finite number > 0 makes the window's step skip instead of raising
+            if weight.numel() != 1 or weight.is_complex() or weight.device.type == "meta":
+                raise ValueError(f"Invalid weight: a tensor weight must be one real number, got shape "
+                                 f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
+            w = weight
         else:
             w = as_float("weight", weight)
             if not (w > 0 and math.isfinite(w)):
                 raise ValueError(f"Invalid weight: {w}; a micro-batch weight (e.g. its token count) must be a "
                                  "finite number > 0; skip empty micro-batches instead of passing 0")
         factor = self._window.loss_factor(w)
-        return loss * factor if factor != 1.0 else loss
+        return loss * factor if isinstance(factor, Tensor) or factor != 1.0 else loss
 
     def backward(self, loss: Tensor, weight: Union[None, float, Tensor] = None, **backward_kwargs: Any) -> None:
         """``scale_loss(loss, weight).backward()``."""
@@ -257,6 +309,13 @@ class AccumOptimizer(torch.optim.Optimizer):
             raise RuntimeError("clip_grad_norm_ cannot work with step_in_backward=True: parameters are already "
                                "updated during backward")
         self._fold_grads()
+        if self._resident is not None:
+            self._resident.plan(self._buckets)
+            partials = self._resident.sumsq()
+            self._window.clip_request = max_norm
+            if partials is None:
+                return torch.zeros((), dtype=torch.float32, device=self._resident.device)
+            return self._window.device_grad_norm(partials)
         total = self._window.grad_norm(self._raw_norm, self._any_low_precision())
         self._window.clip_request = max_norm
         device = self._buckets[0].device if self._buckets else torch.device("cpu")
@@ -329,6 +388,9 @@ class AccumOptimizer(torch.optim.Optimizer):
     def _update(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         self._check_groups()  # a NaN lr set by hand is refused before anything changes
         self._fold_grads()
+        if self._resident is not None:
+            self._update_on_device(grad_scale, found_inf)
+            return
         multiplier = self._window.grad_multiplier(
             self._raw_norm,
             grad_scaler_scale=as_float("grad_scale", grad_scale) if grad_scale is not None else None,
@@ -349,6 +411,38 @@ class AccumOptimizer(torch.optim.Optimizer):
             self._scaler.update(found_inf=False)
         self._end_window()
 
+    def _update_on_device(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """The same step with every decision on the device: sumsq per bucket (when the norm is
+        needed), one finalize, one update launch per bucket; the update kernels return at
+        once when finalize decided to skip. Nothing here reads a device value."""
+        res = self._resident
+        res.plan(self._buckets)
+        for _, bucket, _ in res.work:  # allocate the state first: a refusal changes nothing
+            self._prepare_state(bucket, bucket.live_indices(), count_step=False)
+        partials = res.sumsq() if self._window.needs_norm(grad_scale, self.max_grad_norm) else None
+        self._window.finalize_on_device(
+            partials, res.steps, res.step_index, grad_scaler_scale=_as_tensor(grad_scale),
+            found_inf=_as_tensor(found_inf), max_grad_norm=self.max_grad_norm,
+        )
+        for _, bucket, table in res.work:
+            group = self.param_groups[bucket.group_index]
+            stochastic = self._stochastic(bucket)
+            getattr(res.kernels, self._kernel)(
+                table, bucket.grad, *self._flat_state_args(bucket), res.steps, self._window.state,
+                **self._device_hyper(group), seed=self._rng_seed(stochastic),
+            )
+        for bucket in self._buckets:
+            bucket.consume_all()
+        self._end_window()
+
+    def _flat_state_args(self, bucket: Bucket) -> List[Optional[Tensor]]:
+        """The algorithm's flat state tensors in its kernel's order (see adam.py / sgd.py)."""
+        raise NotImplementedError
+
+    def _device_hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        """The group's hyper-parameters for the bucket kernel; a tensor lr stays a tensor (not read)."""
+        raise NotImplementedError
+
     def _skip(self) -> None:
         """inf/nan in the gradients: no parameter or state changes, the window is dropped."""
         for bucket in self._buckets:
@@ -366,8 +460,9 @@ class AccumOptimizer(torch.optim.Optimizer):
         """(state key, dtype) of the flat state this optimizer keeps, besides 'step'."""
         raise NotImplementedError
 
-    def _prepare_state(self, bucket: Bucket, idx: Sequence[int]) -> Dict[str, List[Tensor]]:
-        """Flat state for the bucket (allocated once) and per-parameter state views."""
+    def _prepare_state(self, bucket: Bucket, idx: Sequence[int], count_step: bool = True) -> Dict[str, List[Tensor]]:
+        """Flat state for the bucket (allocated once) and per-parameter state views; adds one
+        to the step counts of ``idx`` unless the device does it (``count_step=False``)."""
         group = self.param_groups[bucket.group_index]
         spec = list(self._state_spec(group))
         if bucket.low_precision and self.master_weights:
@@ -384,7 +479,8 @@ class AccumOptimizer(torch.optim.Optimizer):
                     # the master starts from the parameter as it is at its first update, so
                     # weights loaded after the optimizer was built are picked up
                     views["master_param"][i].copy_(p.detach())
-        bucket.steps[list(idx)] += 1
+        if count_step:
+            bucket.steps[list(idx)] += 1
         return views
 
     def _rng_seed(self, needed: bool) -> int:
@@ -511,6 +607,11 @@ def _make_hook(ref: "weakref.ref[AccumOptimizer]", bi: int, i: int) -> Callable[
             opt._grad_ready(bi, i, p)
 
     return hook
+
+
+def _as_tensor(x: Any) -> Optional[Tensor]:
+    """GradScaler hands over tensors; a Python number becomes one (on the CPU: no sync)."""
+    return x if x is None or isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float32)
 
 
 def _remove_hooks(handles: List[Any]) -> None:

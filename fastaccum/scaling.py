@@ -2,6 +2,10 @@
 
 The scale multiplies the loss in :meth:`~fastaccum.optimizer.AccumOptimizer.scale_loss`;
 unscaling is never a pass of its own: ``1 / scale`` is folded into the update multiplier.
+
+On a device-resident step (the triton backend) the scale and its growth tracker live in the
+window's device tensor and are updated there (:meth:`LossScaler.attach`): reading
+``scale`` is then a host sync, made only when someone asks.
 """
 from __future__ import annotations
 
@@ -28,12 +32,55 @@ class LossScaler:
         backoff_factor: float = 0.5,
         growth_interval: int = 2000,
     ) -> None:
-        self.scale = float(scale)
+        self._scale = float(scale)
+        self._tracker = 0
+        self._device: Optional[Any] = None  # (tensor, scale slot, tracker slot) once attached
         self.dynamic = dynamic
         self.growth_factor = growth_factor
         self.backoff_factor = backoff_factor
         self.growth_interval = growth_interval
-        self.growth_tracker = 0  # consecutive clean steps since the last change
+
+    # The scale and the growth tracker (consecutive clean steps since the last change) are
+    # host numbers, or device values once attached.
+    @property
+    def scale(self) -> float:
+        if self._device is not None:
+            t, slot, _ = self._device
+            return float(t[slot])
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale = float(value)
+        if self._device is not None:
+            t, slot, _ = self._device
+            t[slot] = self._scale
+
+    @property
+    def growth_tracker(self) -> int:
+        if self._device is not None:
+            t, _, slot = self._device
+            return int(t[slot])
+        return self._tracker
+
+    @growth_tracker.setter
+    def growth_tracker(self, value: int) -> None:
+        self._tracker = int(value)
+        if self._device is not None:
+            t, _, slot = self._device
+            t[slot] = float(self._tracker)
+
+    def attach(self, state: Any, scale_slot: int, tracker_slot: int) -> None:
+        """Keep the scale in ``state[scale_slot]`` (a device tensor) from now on; the device
+        step updates it, so :meth:`update` does nothing."""
+        scale, tracker = self._scale, self._tracker
+        self._device = (state, scale_slot, tracker_slot)
+        self.scale, self.growth_tracker = scale, tracker
+
+    def scale_tensor(self) -> Any:
+        """The scale as a 0-dim device tensor (attached), to multiply a loss without a sync."""
+        t, slot, _ = self._device
+        return t[slot]
 
     @classmethod
     def from_arg(cls, loss_scale: LossScaleArg) -> Optional["LossScaler"]:
@@ -56,8 +103,8 @@ class LossScaler:
         return cls(float(loss_scale), dynamic=False)
 
     def update(self, found_inf: bool) -> None:
-        """Called once per optimizer step (skipped or not)."""
-        if not self.dynamic:
+        """Called once per optimizer step (skipped or not); on the device, finalize does it."""
+        if not self.dynamic or self._device is not None:
             return
         if found_inf:
             self.scale *= self.backoff_factor

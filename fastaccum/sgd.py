@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .backends import SGDHyper, SGDSegments
 from .buffers import Bucket
-from .checks import as_float, check_nonneg
+from .checks import as_float, check_nonneg, device_lr
 from .optimizer import AccumOptimizer
 from .scaling import LossScaleArg
 
@@ -73,6 +73,15 @@ class SGD(AccumOptimizer):
             masters=[views["master_param"][i] for i in idx] if "master_param" in views else None,
             steps=steps,
         )
+
+    def _flat_state_args(self, bucket: Bucket) -> List[Optional[Tensor]]:
+        st = bucket.flat_state
+        return [st.get("momentum_buffer"), st.get("master_param")]
+
+    def _device_hyper(self, group: Dict[str, Any]) -> Dict[str, Any]:
+        return dict(lr=device_lr(group["lr"]), momentum=float(group["momentum"]),
+                    dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]),
+                    weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]))
 
     def _hyper(self, group: Dict[str, Any], grad_multiplier: float, stochastic_rounding: bool, seed: int) -> SGDHyper:
         return SGDHyper(

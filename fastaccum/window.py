@@ -7,14 +7,23 @@ folded into a single number, computed here and nowhere else::
 
 so that unscaling, token-weighted normalisation and clipping never cost a pass of their
 own: the backends multiply the raw buffer by it inside the update kernel.
+
+Two ways to compute it. On the host (:meth:`AccumulationWindow.grad_multiplier`), from the
+buffers' norm read back as a float: free on a CPU. On the device (the window is
+:meth:`~AccumulationWindow.to_device`), for backends with bucket kernels: the norm, the
+found-inf flag, the skip decision, the multiplier, the dynamic loss scale and the step
+counts are all computed by one ``finalize`` kernel (:meth:`AccumulationWindow.finalize_on_device`)
+and read by the update kernels, so no step waits for the GPU. Tensor weights, GradScaler's
+tensors and the cross-rank all-reduce then stay on the device too.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from .scaling import LossScaler
 
@@ -45,6 +54,34 @@ class AccumulationWindow:
         self.weighted = False
         self.clip_request: Optional[float] = None  # max_norm from clip_grad_norm_ for this window
         self._warned_low_precision_ddp = False
+        # device-resident: the kernels module, its window-state tensor, the weights passed as
+        # device tensors this window (summed on the device) and a flag for invalid ones
+        self.kernels: Any = None
+        self.state: Optional[Tensor] = None
+        self.weight_sum_t: Optional[Tensor] = None
+        self.bad_weight_t: Optional[Tensor] = None
+
+    # ----------------------------------------------------------------- device residence
+    def to_device(self, kernels: Any, device: torch.device) -> None:
+        """Keep the window's numbers (and the loss scale) on ``device`` from now on."""
+        self.kernels = kernels
+        self.state = kernels.new_window_state(device, self.scaler.scale if self.scaler is not None else 1.0)
+        if self.scaler is not None:
+            self.scaler.attach(self.state, kernels.W_LOSS_SCALE, kernels.W_GROWTH_TRACKER)
+
+    @property
+    def resident(self) -> bool:
+        return self.state is not None
+
+    def record_tensor_weight(self, weight: Tensor) -> None:
+        """A device tensor weight, summed and checked on the device (reading it would sync):
+        a weight that is not a finite number > 0 makes the window's step skip."""
+        w = weight.detach().reshape(()).to(self.state.device, torch.float32)
+        if self.weight_sum_t is None:
+            self.weight_sum_t = torch.zeros((), dtype=torch.float32, device=self.state.device)
+            self.bad_weight_t = torch.zeros((), dtype=torch.float32, device=self.state.device)
+        self.weight_sum_t += w
+        self.bad_weight_t += (~(torch.isfinite(w) & (w > 0))).float()
 
     # ----------------------------------------------------------------- micro-batches
     @property
@@ -52,13 +89,18 @@ class AccumulationWindow:
         """True when the next ``step()`` updates."""
         return self.micro_step + 1 >= self.accumulation_steps
 
-    def loss_factor(self, weight: float) -> float:
-        """Record a micro-batch's ``weight``; the factor its loss is multiplied by."""
-        if self.step_in_backward:
+    def loss_factor(self, weight: Union[float, Tensor]) -> Union[float, Tensor]:
+        """Record a micro-batch's ``weight``; the factor its loss is multiplied by (a device
+        tensor when the window is resident and a loss scale or a tensor weight is involved)."""
+        if isinstance(weight, Tensor):
+            self.record_tensor_weight(weight)
+        elif self.step_in_backward:
             self.weight_sum = weight  # every backward is its own step
         else:
             self.weight_sum += weight
         self.weighted = True
+        if self.resident and self.scaler is not None:
+            return weight * self.scaler.scale_tensor()
         return weight * (self.scaler.scale if self.scaler is not None else 1.0)
 
     def advance(self) -> bool:
@@ -77,6 +119,8 @@ class AccumulationWindow:
         self.weight_sum = 0.0
         self.weighted = False
         self.clip_request = None
+        self.weight_sum_t = None
+        self.bad_weight_t = None
 
     # ----------------------------------------------------------------- the multiplier
     def scale_and_divisor(self) -> Tuple[float, float]:
@@ -155,11 +199,77 @@ class AccumulationWindow:
         weight_sum, any_nonfinite = t.tolist()
         return (weight_sum / size if self.weighted else divisor), any_nonfinite > 0
 
+    # ----------------------------------------------------------------- on the device
+    def _device_divisor(self) -> Union[float, Tensor]:
+        """This rank's divisor: a float, or a device tensor when tensor weights were passed."""
+        if not self.weighted:
+            return float(self.accumulation_steps)
+        if self.weight_sum_t is None:
+            return self.weight_sum
+        return self.weight_sum_t + self.weight_sum if self.weight_sum else self.weight_sum_t
+
+    def _device_inputs(self, grad_scaler_scale: Optional[Tensor], found_inf: Optional[Tensor]
+                       ) -> Tuple[Union[float, Tensor], Optional[Tensor], Optional[Tensor]]:
+        """(divisor, GradScaler scale, found-inf flag) for finalize, reduced across ranks on the device."""
+        divisor = self._device_divisor()
+        flags = [f for f in (found_inf, self.bad_weight_t) if f is not None]
+        flag = None
+        if flags:
+            flag = torch.stack([f.reshape(()).to(self.state.device, torch.float32) for f in flags]).sum()
+        world = dist_world()
+        if world is not None:
+            size, _ = world
+            # one small all-reduce of (weight sum, found-inf), queued on the device (no sync)
+            t = torch.stack([
+                torch.as_tensor(divisor if self.weighted else 0.0, dtype=torch.float32, device=self.state.device),
+                flag if flag is not None else torch.zeros((), dtype=torch.float32, device=self.state.device),
+            ])
+            torch.distributed.all_reduce(t)
+            divisor = t[0] / size if self.weighted else divisor
+            flag = t[1]
+        if grad_scaler_scale is not None:
+            grad_scaler_scale = grad_scaler_scale.reshape(()).to(self.state.device, torch.float32)
+        return divisor, grad_scaler_scale, flag
+
+    def finalize_on_device(self, partials: Optional[Tensor], steps: Tensor, step_index: Tensor, *,
+                           grad_scaler_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                           max_grad_norm: Optional[float]) -> None:
+        """Compute the multiplier, the skip flag, the norm, the loss scale and the step counts
+        into the window's device state (one kernel); ``partials`` are the buckets' sums of
+        squares, None when nothing needs the norm."""
+        divisor, gs, flag = self._device_inputs(grad_scaler_scale, found_inf)
+        max_norm = self.clip_request if self.clip_request is not None else max_grad_norm
+        self.kernels.finalize(
+            partials, self.state, steps, step_index, weight_divisor=divisor, max_norm=max_norm,
+            grad_scale=gs, found_inf=flag, check_finite=partials is not None,
+            dynamic=self.scaler is not None and self.scaler.dynamic, scale_applied=self.weighted,
+            **({} if self.scaler is None else dict(growth_factor=self.scaler.growth_factor,
+                                                 backoff_factor=self.scaler.backoff_factor,
+                                                 growth_interval=self.scaler.growth_interval)),
+        )
+
+    def device_grad_norm(self, partials: Tensor) -> Tensor:
+        """The unscaled, normalised norm from the buckets' partial sums of squares, on the device."""
+        divisor, _, _ = self._device_inputs(None, None)
+        scale = self.scaler.scale_tensor() if (self.scaler is not None and self.weighted) else 1.0
+        return partials.double().sum().sqrt().float() / (scale * divisor)
+
+    def needs_norm(self, grad_scaler_scale: Optional[Any], max_grad_norm: Optional[float]) -> bool:
+        """Whether the step needs the norm pass (loss scaling's inf check, or clipping)."""
+        max_norm = self.clip_request if self.clip_request is not None else max_grad_norm
+        return self.scaler is not None or grad_scaler_scale is not None or max_norm is not None
+
+    def skipped_on_device(self) -> int:
+        return int(self.state[self.kernels.W_SKIPPED]) if self.resident else 0
+
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> Dict[str, Any]:
+        weight_sum = self.weight_sum
+        if self.weight_sum_t is not None:  # a checkpoint reads the device sum (a sync, as any save)
+            weight_sum += float(self.weight_sum_t)
         return {
             "micro_step": self.micro_step,
-            "weight_sum": self.weight_sum,
+            "weight_sum": weight_sum,
             "weighted": self.weighted,
             "clip_request": self.clip_request,
         }

@@ -107,6 +107,10 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     #: device types (``torch.device.type``) this backend runs on
     device_types: ClassVar[Sequence[str]]
+    #: True when the backend also offers bucket kernels that keep a step's decisions on the
+    #: device (attribute ``bucket``, the module :mod:`fastaccum.backends.triton_kernels`), so
+    #: the optimizer's step never reads a device value on the host.
+    device_resident: ClassVar[bool] = False
 
     def supports(self, device: torch.device) -> bool:
         return device.type in self.device_types

@@ -7,8 +7,12 @@ moments, the master and the rounded parameter: Apex's fused Adam plus the unscal
 normalisation it leaves to separate passes. The gradient is only read (the optimizer
 marks it stale instead of zeroing it).
 
-One launch per parameter segment; the segments of a bucket are contiguous in the flat
-buffers, so the launches stream through memory in order.
+Two ways in. The optimizer's step runs the *bucket* kernels of
+:mod:`~fastaccum.backends.triton_kernels` (``device_resident = True``): one launch per bucket
+per pass, every decision (norm, skip, clip, loss scale, step counts) made on the device, so a
+step never waits for the GPU. The per-segment methods of the :class:`Backend` contract
+(``adam_``/``sgd_`` below, one launch per parameter) remain for step-in-backward, where one
+parameter is updated at a time from its own gradient.
 
 Tested on CPU tensors under ``TRITON_INTERPRET=1`` (the Triton interpreter), where
 ``supports()`` also accepts CPU tensors when the backend is requested by name; ``auto``
@@ -167,6 +171,13 @@ def _grid(n: int):
 class TritonBackend(Backend):
     name = "triton"
     device_types = ("cuda",)
+    device_resident = True
+
+    def __init__(self) -> None:
+        from . import triton_kernels
+
+        #: the bucket kernels (SegmentTable, sumsq, finalize, adam_, sgd_, window slots)
+        self.bucket = triton_kernels
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda" or (_interpreting() and device.type == "cpu")

@@ -306,12 +306,13 @@ def _sumsq_kernel(seg_ptr, tile_ptr, grad_ptr, partials_ptr, partial_base: tl.in
     tl.store(partials_ptr + partial_base + tl.program_id(0).to(tl.int64), tl.sum(g * g, axis=0))
 
 
-@triton.jit(do_not_specialize=["has_ext_scale", "has_found_inf", "divisor_from_ptr", "check_finite", "dynamic"])
+@triton.jit(do_not_specialize=["has_ext_scale", "has_found_inf", "divisor_from_ptr", "check_finite", "dynamic",
+                               "scale_applied"])
 def _finalize_kernel(partials_ptr, n_partials: tl.int64, window_ptr, steps_ptr, step_index_ptr, n_step_index: tl.int64,
                      ext_scale_ptr, found_inf_ptr, divisor_ptr, divisor: tl.float64, max_norm: tl.float64,
                      growth_factor: tl.float64, backoff_factor: tl.float64, growth_interval: tl.float64,
                      has_ext_scale: tl.int32, has_found_inf: tl.int32, divisor_from_ptr: tl.int32,
-                     check_finite: tl.int32, dynamic: tl.int32,
+                     check_finite: tl.int32, dynamic: tl.int32, scale_applied: tl.int32,
                      BLOCK: tl.constexpr):
     """One program for the whole optimizer: the norm, skip, multiplier, loss scale and step counts."""
     acc = tl.zeros([BLOCK], tl.float64)  # fp64: the sum of ~1e5 partials stays exact to fp32
@@ -326,7 +327,10 @@ def _finalize_kernel(partials_ptr, n_partials: tl.int64, window_ptr, steps_ptr, 
     max_norm = _f64(max_norm)
     ext_scale = tl.where(has_ext_scale != 0, tl.load(ext_scale_ptr).to(tl.float64), 1.0)
     divisor = tl.where(divisor_from_ptr != 0, tl.load(divisor_ptr).to(tl.float64), divisor)
-    inv = 1.0 / (loss_scale * ext_scale * divisor)
+    # the loss scale divides the gradient only when the losses were multiplied by it
+    # (opt.backward/scale_loss); the dynamic update below runs either way
+    applied = tl.where(scale_applied != 0, loss_scale, 1.0)
+    inv = 1.0 / (applied * ext_scale * divisor)
     norm = tl.sqrt(sqnorm) * inv
     bad_norm = (sqnorm != sqnorm) | (sqnorm == float("inf"))
     ext_inf = tl.load(found_inf_ptr).to(tl.float32) != 0.0
@@ -569,7 +573,7 @@ def finalize(partials: Optional[Tensor], window: Tensor, steps: Tensor, step_ind
              weight_divisor: Union[float, Tensor] = 1.0, max_norm: Optional[float] = None,
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
              check_finite: bool = True, dynamic: bool = False, growth_factor: float = 2.0,
-             backoff_factor: float = 0.5, growth_interval: int = 2000) -> None:
+             backoff_factor: float = 0.5, growth_interval: int = 2000, scale_applied: bool = True) -> None:
     """Decide the step on the device (one single-program launch for the whole optimizer).
 
     Reads the partials of every bucket (``None``: no norm pass ran, the norm is 0) and the
@@ -594,7 +598,7 @@ def finalize(partials: Optional[Tensor], window: Tensor, steps: Tensor, step_ind
                 1.0 if div_t is not None else float(weight_divisor), float(max_norm or 0.0),
                 float(growth_factor), float(backoff_factor), float(growth_interval),
                 int(grad_scale is not None), int(found_inf is not None), int(div_t is not None),
-                int(check_finite), int(dynamic))
+                int(check_finite), int(dynamic), int(scale_applied))
 
 
 def _lr_args(lr: Union[float, Tensor], window: Tensor):
