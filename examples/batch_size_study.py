@@ -174,6 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--noise-ema", type=float, default=0.9, help="EMA decay of the noise-scale estimator")
     ap.add_argument("--evals", type=int, default=8, help="held-out evaluations per run (for the plot)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--data", default=DATA, help="a text file (default: the bundled project text)")
     ap.add_argument("--plot", metavar="OUT.png", default=None, help="write held-out loss vs tokens (matplotlib)")
     args = ap.parse_args(argv)
@@ -188,7 +189,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     data = load_text(args.data)
     split = int(0.9 * data.numel())
     train, val = data[:split], data[split:]
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    # a model this small gains nothing from intra-op threads, and on a shared machine their
+    # spinning makes each step many times slower: one thread by default
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     results = [run(args, a, train, val) for a in args.accum]
     elapsed = time.perf_counter() - t0
