@@ -27,24 +27,19 @@ def as_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def on_device(value: Any) -> bool:
-    """A tensor whose value lives on an accelerator: reading it on the host would sync."""
-    return isinstance(value, Tensor) and value.device.type not in ("cpu", "meta")
-
-
 def device_lr(lr: Any) -> Any:
-    """The lr for a bucket kernel: a device tensor stays one (the kernel reads it), else a float."""
-    return lr if on_device(lr) else as_float("lr", lr)
+    """The lr for a bucket kernel: a tensor stays one (the kernel reads it on the device), else a float."""
+    return lr if isinstance(lr, Tensor) else as_float("lr", lr)
+
+
+def check_scalar_tensor(name: str, value: Tensor) -> None:
+    """What the host can check of a tensor hyper-parameter without reading it."""
+    if value.numel() != 1 or not value.is_floating_point():
+        raise ValueError(f"Invalid {name}: a tensor {name} must be one floating-point number, "
+                         f"got shape {tuple(value.shape)} {value.dtype}")
 
 
 def check_nonneg(name: str, value: Any) -> float:
-    if on_device(value):
-        # an accelerator tensor (a scheduled lr, say) is not read here: that would stall the
-        # step until the GPU catches up; its shape is all the host can check for free
-        if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(f"Invalid {name}: a tensor {name} must be one floating-point number, "
-                             f"got shape {tuple(value.shape)} {value.dtype}")
-        return math.nan
     v = as_float(name, value)
     if not (v >= 0.0) or math.isinf(v):  # `not >=` also rejects NaN
         raise ValueError(f"Invalid {name}: {v}; it must be a finite number >= 0")

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .backends import resolve_backend
 from .buffers import Bucket
-from .checks import as_float
+from .checks import as_float, check_scalar_tensor
 from .resident import ResidentStep
 from .scaling import LossScaler, LossScaleArg
 from .window import AccumulationWindow
@@ -383,6 +383,11 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     def _check_groups(self) -> None:
         for group in self.param_groups:
+            if self._resident is not None and isinstance(group["lr"], Tensor):
+                # the bucket kernels read a tensor lr themselves; reading it here would make
+                # every step wait for the device, so only its shape is checked
+                check_scalar_tensor("lr", group["lr"])
+                group = {**group, "lr": 0.0}
             self._check_group(group)
 
     def _update(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:

@@ -1,0 +1,202 @@
+"""The device-resident step (triton backend) through the optimizer: same numbers as the torch
+backend, 2 * buckets + 1 launches per step whatever the number of tensors, and no host sync
+anywhere in a window. Runs the kernels in Triton's interpreter on CPU tensors here, on CUDA
+when a GPU is present."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastaccum
+from conftest import assert_params_close, assert_state_close
+
+pytest.importorskip("triton")
+from fastaccum.backends import triton_kernels as K  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def gpt2_like(n_layer: int = 12, d: int = 16, vocab: int = 50, dtype=torch.float32) -> nn.Module:
+    """The parameter list of a GPT-2 (2 + 12 * 12 + 2 = 148 tensors), tiny widths."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(vocab, d) * 0.02), nn.Parameter(torch.randn(64, d) * 0.02)]
+    for _ in range(n_layer):
+        params += [nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d)),
+                   nn.Parameter(torch.randn(d, 3 * d) * 0.02), nn.Parameter(torch.zeros(3 * d)),
+                   nn.Parameter(torch.randn(d, d) * 0.02), nn.Parameter(torch.zeros(d)),
+                   nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d)),
+                   nn.Parameter(torch.randn(d, 4 * d) * 0.02), nn.Parameter(torch.zeros(4 * d)),
+                   nn.Parameter(torch.randn(4 * d, d) * 0.02), nn.Parameter(torch.zeros(d))]
+    params += [nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))]
+    m = nn.ParameterList(params)
+    return m.to(DEVICE, dtype)
+
+
+def fake_loss(model: nn.Module, seed: int) -> torch.Tensor:
+    """A loss whose gradient is a fixed random tensor per parameter (cheap, deterministic)."""
+    g = torch.Generator().manual_seed(seed)
+    return sum((p.float() * torch.randn(p.shape, generator=g).to(DEVICE)).sum() for p in model)
+
+
+def groups(model: nn.Module):
+    ps = list(model)
+    return [{"params": [p for p in ps if p.dim() >= 2]},
+            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def run(backend: str, dtype, steps: int = 3, accum: int = 4, inf_at=None, tensor_weight=False, **kw):
+    model = gpt2_like(dtype=dtype)
+    opt = fastaccum.AdamW(groups(model), lr=1e-2, backend=backend, accumulation_steps=accum, **kw)
+    n = 0
+    for w in range(steps):
+        for k in range(accum):
+            loss = fake_loss(model, seed=100 * w + k)
+            if inf_at == (w, k):
+                loss = loss * float("inf")
+            weight = 3.0 + k
+            if tensor_weight:
+                weight = torch.tensor(weight, device=DEVICE)
+            opt.backward(loss, weight=weight)
+            opt.step()
+            opt.zero_grad()
+            n += 1
+    return model, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resident_step_matches_torch_backend(dtype):
+    kw = dict(max_grad_norm=0.5, loss_scale="dynamic", inf_at=(1, 2), tensor_weight=True)
+    a, oa = run("triton", dtype, **kw)
+    b, ob = run("torch", dtype, **kw)
+    assert oa._resident is not None and ob._resident is None
+    assert oa.skipped_steps == ob.skipped_steps == 1
+    assert oa.loss_scale == ob.loss_scale == 2.0**15
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    assert_params_close(a, b, **tol)
+    assert_state_close(oa, ob, **tol)
+
+
+def _count_launches(monkeypatch):
+    names = []
+    real = K._launch
+
+    def counting(spec, grid, *args, **kw):
+        names.append(spec.kernel.fn.__name__ if hasattr(spec.kernel, "fn") else str(spec.kernel))
+        return real(spec, grid, *args, **kw)
+
+    monkeypatch.setattr(K, "_launch", counting)
+    return names
+
+
+def test_launches_per_step_do_not_grow_with_tensors(monkeypatch):
+    model = gpt2_like()
+    assert len(list(model)) == 148
+    opt = fastaccum.AdamW(groups(model), lr=1e-3, backend="triton", max_grad_norm=1.0, accumulation_steps=2)
+    buckets = len(opt._buckets)
+    assert buckets == 2
+    for k in range(2):  # first window: state allocation happens here
+        opt.backward(fake_loss(model, k))
+        opt.step()
+    names = _count_launches(monkeypatch)
+    opt.backward(fake_loss(model, 5))
+    opt.step()
+    assert names == [], "a micro-step inside the window launches nothing"
+    opt.backward(fake_loss(model, 6))
+    opt.step()
+    # sumsq per bucket, one finalize, one update per bucket
+    assert len(names) <= 2 * buckets + 1, names
+    assert names.count("_finalize_kernel") == 1
+
+
+class _HostSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _no_host_reads(monkeypatch):
+    mode = _HostSyncs()
+    calls = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    with mode:
+        yield mode.seen, calls
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_window_reads_no_device_value(monkeypatch, dtype):
+    """The whole window (backward with a tensor weight, dynamic loss scale, clipping, tensor lr,
+    step, zero_grad) reads nothing back. Under the interpreter the kernels themselves go through
+    numpy, which this does not see; the optimizer's own Python is what is checked."""
+    model = gpt2_like(dtype=dtype)
+    lr = torch.tensor(1e-3, device=DEVICE)
+    opt = fastaccum.AdamW(groups(model), lr=lr, backend="triton", accumulation_steps=2, max_grad_norm=1.0,
+                          loss_scale="dynamic")
+    for k in range(2):  # the first step allocates state
+        opt.backward(fake_loss(model, k), weight=torch.tensor(4.0, device=DEVICE))
+        opt.step()
+        opt.zero_grad()
+    losses = [fake_loss(model, 10 + k) for k in range(2)]
+    weights = [torch.tensor(5.0, device=DEVICE), torch.tensor(7.0, device=DEVICE)]
+    with _no_host_reads(monkeypatch) as (dispatched, called):
+        for loss, w in zip(losses, weights):
+            opt.backward(loss, weight=w)
+            opt.step()
+            opt.zero_grad()
+        norm = opt.clip_grad_norm_(1.0)  # a device tensor, not read
+    assert dispatched == [] and called == [], (dispatched, called)
+    assert isinstance(norm, torch.Tensor)
+    assert opt.skipped_steps == 0 and opt.loss_scale == 2.0**16  # lazy reads, after the fact
+
+
+def test_non_contiguous_parameter_goes_to_a_torch_bucket():
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, device=DEVICE).t()  # a transposed view: storage order != logical order
+    p = nn.Parameter(w)
+    q = nn.Parameter(torch.randn(7, device=DEVICE))
+    assert not p.is_contiguous()
+    opt = fastaccum.AdamW([p, q], lr=1e-2, backend="triton")
+    assert sorted(b.backend.name for b in opt._buckets) == ["torch", "triton"]
+    ref_p, ref_q = nn.Parameter(p.detach().clone()), nn.Parameter(q.detach().clone())
+    ref = torch.optim.AdamW([ref_p, ref_q], lr=1e-2)
+    for s in range(3):
+        g = torch.Generator().manual_seed(s)
+        gp, gq = torch.randn(5, 6, generator=g).to(DEVICE), torch.randn(7, generator=g).to(DEVICE)
+        for x, y, gx, gy in ((p, q, gp, gq), (ref_p, ref_q, gp, gq)):
+            ((x * gx).sum() + (y * gy).sum()).backward()
+        opt.step(), ref.step()
+        opt.zero_grad(), ref.zero_grad()
+    torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.detach(), ref_q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip_on_the_resident_path():
+    a, oa = run("triton", torch.float32, steps=2)
+    sd = oa.state_dict()
+    b = gpt2_like()
+    b.load_state_dict(a.state_dict())
+    ob = fastaccum.AdamW(groups(b), lr=1e-2, backend="triton", accumulation_steps=4)
+    ob.load_state_dict(sd)
+    for opt, model in ((oa, a), (ob, b)):
+        for k in range(4):
+            opt.backward(fake_loss(model, 900 + k), weight=2.0)
+            opt.step()
+            opt.zero_grad()
+    assert_params_close(a, b, rtol=0, atol=0)
