@@ -17,6 +17,9 @@ from .backends import (
     resolve_backend,
 )
 from .adam import Adam, AdamW
+from .advice import Advice, advise, assess
+from .batch_scaling import beta_for_halflife, effective_batch_size, halflife_tokens, scale_betas
+from .noise_scale import NoiseScaleEstimator
 from .optimizer import AccumOptimizer
 from .sgd import SGD
 from .scaling import LossScaler
@@ -29,6 +32,14 @@ __all__ = [
     "SGD",
     "AccumOptimizer",
     "LossScaler",
+    "effective_batch_size",
+    "scale_betas",
+    "halflife_tokens",
+    "beta_for_halflife",
+    "NoiseScaleEstimator",
+    "Advice",
+    "advise",
+    "assess",
     "BackendUnavailableError",
     "available_backends",
     "get_backend",

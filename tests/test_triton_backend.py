@@ -145,4 +145,5 @@ def test_optimizer_run_matches_torch_backend(dtype):
     sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
     for k in sb:
         for name in sb[k]:
-            torch.testing.assert_close(sa[k][name], sb[k][name], **tol, msg=f"{k}/{name}")
+            # on the CPU: the resident step keeps step counts on the device, like torch's fused Adam
+            torch.testing.assert_close(sa[k][name].cpu(), sb[k][name].cpu(), **tol, msg=f"{k}/{name}")

@@ -101,7 +101,7 @@ def _torch_adam_step(b, segs, fresh, steps_host, mult, hp, stochastic):
         steps=[steps_host[i] for i in segs])
     TORCH.adam_(segs_obj, AdamHyper(lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"],
                                     weight_decay=hp["weight_decay"], decoupled=hp["decoupled"],
-                                    maximize=hp.get("maximize", False), grad_scale=mult,
+                                    maximize=hp.get("maximize", False), grad_multiplier=mult,
                                     stochastic_rounding=stochastic, seed=0))
 
 
@@ -203,7 +203,7 @@ def test_adam_low_precision_error_at_most_twice_torch(pdtype, master, sdtype):
         torch.manual_seed(t)
         _torch_adam_step(b, segs, fresh, [t + 1] * len(sizes), 1.0, hp, stochastic)
         for i in segs:
-            adam_math(p64[i], a.view(a.grad, i).double(), m64[i], v64[i], None, step=t + 1, grad_scale=1.0,
+            adam_math(p64[i], a.view(a.grad, i).double(), m64[i], v64[i], None, step=t + 1, grad_multiplier=1.0,
                       maximize=False, **hp)
     for name, getter in (("param", lambda x, i: x.params[i]), ("m", lambda x, i: x.view(x.m, i)),
                          ("v", lambda x, i: x.view(x.v, i))):
@@ -240,7 +240,7 @@ def test_sgd_matches_torch_backend(sizes, momentum, dampening, nesterov, maximiz
                                [ref.view(ref.buf, i) for i in segs] if momentum else None, None,
                                [steps_host[i] for i in segs]),
                    SGDHyper(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=0.01,
-                            maximize=maximize, grad_scale=0.5, stochastic_rounding=False, seed=0))
+                            maximize=maximize, grad_multiplier=0.5, stochastic_rounding=False, seed=0))
     for i in range(len(sizes)):
         torch.testing.assert_close(a.params[i], ref.params[i], rtol=1e-5, atol=1e-6)
         if momentum:

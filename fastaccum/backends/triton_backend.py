@@ -125,7 +125,13 @@ def _adam_kernel(
         g = g + weight_decay * p
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = m + (1 - beta1) * (g - m)  # lerp(m, g, 1 - beta1)
+    # torch's lerp(m, g, w): two formulas, by the side of 0.5 the weight is on (one formula
+    # for both loses up to 3x the accuracy in bf16 moments once the GPU contracts it to an FMA)
+    w1 = 1 - beta1
+    if w1 < 0.5:
+        m = m + w1 * (g - m)
+    else:
+        m = g - (g - m) * (1 - w1)
     v = v * beta2 + (1 - beta2) * g * g
     if AMSGRAD:
         vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)

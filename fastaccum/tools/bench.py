@@ -924,7 +924,8 @@ def run_suite(cfg: BenchConfig, progress: Optional[Callable[[int, str], None]] =
 def _clean(d: Dict[str, Any]) -> Dict[str, Any]:
     def fix(v: Any) -> Any:
         if isinstance(v, float):
-            return None if not math.isfinite(v) else round(v, 6)
+            # six significant digits, not six decimals: a tiny ratio must keep its precision
+            return None if not math.isfinite(v) else float(f"{v:.6g}")
         if isinstance(v, list):
             return [fix(x) for x in v]
         return v

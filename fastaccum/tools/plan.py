@@ -57,6 +57,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import fastaccum
+
 from . import units as _units
 from .memory import MemoryProbe, release_free_memory
 from .memory import device_free_memory as _device_free_memory
@@ -338,12 +340,9 @@ def split_batch(target_per_device: int, max_micro: int, can_accumulate: bool = T
 
 
 def beta2_for(beta2: float, batch: float, ref_batch: float) -> float:
-    """Marek et al. 2025 half-life rule: ``β2 ** (batch / ref_batch)`` (same sequence length).
-
-    The only place the planner rescales β2: when the library gains its own rescaling
-    function, this body becomes a call to it.
-    """
-    return beta2 ** (batch / ref_batch)
+    """Marek et al. 2025 half-life rule: ``β2 ** (batch / ref_batch)`` (same sequence length),
+    by the library's one implementation, :func:`fastaccum.scale_betas`."""
+    return fastaccum.scale_betas((0.0, beta2), ref_batch, batch)[1]
 
 
 def half_life_tokens(beta2: float, batch: float, seq_len: Optional[int]) -> Optional[float]:
