@@ -466,20 +466,21 @@ class AccumOptimizer(torch.optim.Optimizer):
             self._skip()
             return
         work = [(bucket, bucket.live_indices()) for bucket in self._buckets]
-        # Everything that can fail before a kernel runs (state allocation, views) runs for
-        # every bucket first; if a kernel still fails, the step counts go back, so that a
-        # retry does not count a step twice.
+        # Everything that can fail before a kernel runs (state allocation, segments,
+        # hyper-parameters) runs for every bucket first, so an error there changes no
+        # parameter and no step count; if a kernel itself fails, the step counts go back,
+        # so that a retry does not count a step twice.
+        plans = []
         for bucket, live in work:
             if live:
-                self._prepare_state(bucket, live)
-        saved_steps = [bucket.steps.clone() for bucket, _ in work]
+                bucket.zero_stale(live)
+                plans.append((bucket, live, self._plan_bucket(bucket, live, multiplier)))
+        saved_steps = [bucket.steps.clone() for bucket, _, _ in plans]
         try:
-            for bucket, live in work:
-                if live:
-                    bucket.zero_stale(live)
-                    self._update_bucket(bucket, live, multiplier)
+            for bucket, live, plan in plans:
+                self._run_bucket(bucket, live, plan)
         except BaseException:
-            for (bucket, _), steps in zip(work, saved_steps):
+            for (bucket, _, _), steps in zip(plans, saved_steps):
                 bucket.steps.copy_(steps)
             raise
         for bucket, _ in work:
@@ -563,18 +564,27 @@ class AccumOptimizer(torch.optim.Optimizer):
         self, bucket: Bucket, idx: Sequence[int], multiplier: float, grads: Optional[List[Tensor]] = None
     ) -> None:
         """Update parameters ``idx`` of the bucket from their buffer segments (or ``grads``)."""
+        self._run_bucket(bucket, idx, self._plan_bucket(bucket, idx, multiplier, grads))
+
+    def _plan_bucket(
+        self, bucket: Bucket, idx: Sequence[int], multiplier: float, grads: Optional[List[Tensor]] = None
+    ) -> Tuple[Any, Any]:
+        """The kernel's (segments, hyper-parameters); changes no parameter and no step count."""
         group = self.param_groups[bucket.group_index]
         views = self._prepare_state(bucket, idx)
-        bucket.steps[list(idx)] += 1
         steps = bucket.steps.tolist()
         segs = self._segments(
             bucket, idx, views,
             grads if grads is not None else [bucket.grad_views[i] for i in idx],
-            [int(steps[i]) for i in idx],
+            [int(steps[i]) + 1 for i in idx],  # the step counts after this step
         )
         stochastic = self._stochastic(bucket)
         hp = self._hyper(group, multiplier, stochastic, self._rng_seed(stochastic))
-        getattr(bucket.backend, self._kernel)(segs, hp)
+        return segs, hp
+
+    def _run_bucket(self, bucket: Bucket, idx: Sequence[int], plan: Tuple[Any, Any]) -> None:
+        bucket.steps[list(idx)] += 1
+        getattr(bucket.backend, self._kernel)(*plan)
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> Dict[str, Any]:
