@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .backends import AdamHyper, AdamSegments
 from .buffers import Bucket
-from .checks import as_float, check_betas, check_nonneg, device_lr
+from .checks import as_float, check_betas, check_nonneg, check_tensor_betas, check_tensor_lr, device_lr
 from .optimizer import AccumOptimizer
 from .scaling import LossScaleArg
 
@@ -29,6 +29,7 @@ class Adam(AccumOptimizer):
 
     _decoupled_default = False
     _kernel = "adam_"
+    _required_group_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
     def __init__(
         self,
@@ -63,6 +64,10 @@ class Adam(AccumOptimizer):
             foreach=foreach, capturable=False, differentiable=False, fused=fused,
             decoupled_weight_decay=bool(decoupled_weight_decay),
         )
+        # hyper-parameters are checked before the parameters are read, as torch.optim does
+        check_tensor_lr(lr, foreach)
+        check_tensor_betas(betas, foreach)
+        self._check_group(defaults)
         super().__init__(
             params, defaults, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
             loss_scale=loss_scale, master_weights=master_weights, state_dtype=state_dtype, backend=backend,

@@ -22,7 +22,7 @@ so autograd never adds into a stale segment.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -50,8 +50,12 @@ class Bucket:
             self.offsets.append(total)
             total += _round_up(max(n, 1), ALIGN)
         self.numel = total
+        # float64 parameters keep float64 gradients (as torch.optim does); all others fp32.
+        self.grad_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         # No accumulation buffer with step_in_backward: each gradient is used once, in its hook.
-        self.grad: Optional[Tensor] = torch.zeros(total, dtype=torch.float32, device=self.device) if with_buffer else None
+        self.grad: Optional[Tensor] = (
+            torch.zeros(total, dtype=self.grad_dtype, device=self.device) if with_buffer else None
+        )
         self.grad_views: List[Tensor] = self.views(self.grad) if with_buffer else []
         # live[i]: in torch's terms, p.grad would be a tensor (not None) now. Only live
         # parameters are updated, so that parameters that got no gradient are skipped
@@ -72,7 +76,7 @@ class Bucket:
 
     @property
     def low_precision(self) -> bool:
-        return self.dtype != torch.float32
+        return self.dtype in (torch.bfloat16, torch.float16)
 
     def views(self, flat: Tensor) -> List[Tensor]:
         return [flat[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]
@@ -143,13 +147,22 @@ class Bucket:
         # the hook moves into the view: a parameter that never gets a gradient keeps
         # p.grad None, as with torch.optim (code that tests `p.grad is None` still works).
 
-    def take_from_hook(self, i: int) -> None:
-        """Post-accumulate-grad hook: fold what autograd produced into segment ``i``."""
+    def take_from_hook(self, i: int, add_to_fresh: bool = False) -> None:
+        """Post-accumulate-grad hook: fold what autograd produced into segment ``i``.
+
+        ``add_to_fresh``: the optimizer owns the window's accumulation (managed mode, inside
+        a window), so an fp32 gradient that autograd did not add into our view (the user
+        called ``model.zero_grad()`` between micro-batches) is added to the fresh segment
+        instead of replacing the window's earlier micro-batches, as for bf16/fp16.
+        """
         p = self.params[i]
         g = p.grad
         if self.low_precision:
             self.receive(i, g)  # add into a fresh segment, overwrite a stale one
             p.grad = None  # the bf16/fp16 gradient never outlives this hook
+        elif add_to_fresh and self.fresh[i] and not self.owns_grad(i, g):
+            self.receive(i, g)
+            p.grad = self.grad_views[i]
         elif not self.owns_grad(i, g):
             # p.grad was None (the first micro-batch of a window, or model.zero_grad()) or
             # replaced: autograd handed over the whole gradient, so it replaces the segment
@@ -228,6 +241,39 @@ class Bucket:
                 p.grad = self.grad_views[i]
             elif p.grad is not None and self.owns_grad(i, p.grad):
                 p.grad = None
+
+    def check_saved(self, buf: Any, live: Any, fresh: Any) -> None:
+        """Refuse a saved window that does not fit this bucket (before anything is loaded)."""
+        n = len(self.params)
+        for name, flags in (("live", live), ("fresh", fresh)):
+            if not isinstance(flags, (list, tuple)) or len(flags) != n or not all(isinstance(f, bool) for f in flags):
+                raise ValueError(f"the state_dict's {name!r} flags must be a list of {n} bools for this bucket, "
+                                 f"got {flags!r}: the checkpoint is corrupt or from another parameter layout")
+        if buf is not None:
+            if not isinstance(buf, Tensor) or buf.dim() != 1 or buf.numel() != self.numel:
+                raise ValueError(f"the state_dict's accumulation buffer must be a flat tensor of {self.numel} "
+                                 f"elements for this bucket, got {getattr(buf, 'shape', type(buf).__name__)}")
+            if not buf.is_floating_point():
+                raise ValueError(f"the state_dict's accumulation buffer has dtype {buf.dtype}; expected {self.grad_dtype}")
+        elif any(fresh) and self.grad is not None:
+            raise ValueError("the state_dict marks gradients as accumulated but carries no accumulation buffer")
+
+    def detach_from_params(self, idx: Optional[Sequence[int]] = None) -> None:
+        """The optimizer is gone: parameters keep their gradients but not the flat buffer.
+
+        ``p.main_grad`` (a view that would keep the whole bucket's buffer alive) is removed,
+        and an fp32 ``p.grad`` that is our view becomes a tensor of its own.
+        """
+        if self.grad is None:
+            return
+        for i in range(len(self.params)) if idx is None else idx:
+            p = self.params[i]
+            mg = getattr(p, "main_grad", None)
+            if mg is not None and self.owns_grad(i, mg):
+                del p.main_grad
+            g = p.grad
+            if g is not None and self.owns_grad(i, g):
+                p.grad = g.clone() if self.fresh[i] else None
 
     def owns_grad(self, i: int, grad: Optional[Tensor]) -> bool:
         """Whether ``grad`` is this bucket's view for parameter ``i`` (autograd accumulated in place)."""

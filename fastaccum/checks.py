@@ -6,14 +6,15 @@ they were.
 from __future__ import annotations
 
 import math
-from numbers import Number
+from numbers import Number, Real
 from typing import Any, Tuple
 
+import torch
 from torch import Tensor
 
 
 def is_number(x: Any) -> bool:
-    return isinstance(x, Number) and not isinstance(x, bool)
+    return isinstance(x, Real) and not isinstance(x, bool)
 
 
 def as_float(name: str, value: Any) -> float:
@@ -21,10 +22,23 @@ def as_float(name: str, value: Any) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Invalid {name}: a tensor {name} must have one element, got shape {tuple(value.shape)}")
+        if value.is_complex() or not (value.is_floating_point() or value.dtype in _INT_DTYPES):
+            raise TypeError(f"Invalid {name}: expected a real number, got a {value.dtype} tensor")
+        if value.is_meta:
+            raise ValueError(f"Invalid {name}: a tensor on the meta device has no value; pass a number or a "
+                             "tensor on a real device")
         return float(value.item())
+    if isinstance(value, Number) and not isinstance(value, (Real, bool)):
+        raise TypeError(f"Invalid {name}: expected a real number, got {type(value).__name__} ({value!r})")
     if not is_number(value):
         raise TypeError(f"Invalid {name}: expected a number, got {type(value).__name__} ({value!r})")
     return float(value)
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+# torch.optim's wording where it has one, so that code matching its messages keeps working
+_TORCH_NAMES = {"lr": "Invalid learning rate", "eps": "Invalid epsilon value"}
 
 
 def device_lr(lr: Any) -> Any:
@@ -42,7 +56,8 @@ def check_scalar_tensor(name: str, value: Tensor) -> None:
 def check_nonneg(name: str, value: Any) -> float:
     v = as_float(name, value)
     if not (v >= 0.0) or math.isinf(v):  # `not >=` also rejects NaN
-        raise ValueError(f"Invalid {name}: {v}; it must be a finite number >= 0")
+        what = _TORCH_NAMES.get(name, f"Invalid {name} value")
+        raise ValueError(f"{what}: {value}; {name} must be a finite number >= 0")
     return v
 
 
@@ -56,3 +71,28 @@ def check_betas(betas: Any) -> Tuple[float, float]:
         if not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {k}: {b}; betas must be in [0, 1)")
     return b1, b2
+
+
+def check_tensor_lr(lr: Any, foreach: Any = None) -> None:
+    """torch.optim's rules for a Tensor ``lr`` (its wording)."""
+    if isinstance(lr, Tensor):
+        if foreach:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+
+
+def check_tensor_betas(betas: Any, foreach: Any = None) -> None:
+    """torch.optim.Adam's rules for Tensor betas (its wording)."""
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        return  # check_betas names the problem
+    if isinstance(b1, Tensor) or isinstance(b2, Tensor):
+        if not (isinstance(b1, Tensor) and isinstance(b2, Tensor)):
+            raise ValueError("betas must be either both floats or both Tensors")
+        if foreach:
+            raise ValueError("betas[0] as a Tensor is not supported for capturable=False and foreach=True")
+        for k, b in enumerate((b1, b2)):
+            if b.numel() != 1:
+                raise ValueError(f"Tensor betas[{k}] must be 1-element")

@@ -13,14 +13,16 @@ gradient overwrites them.
 """
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .backends import resolve_backend
+from .backends import get_backend, resolve_backend
 from .buffers import Bucket
 from .checks import as_float, check_scalar_tensor
 from .resident import ResidentStep
@@ -31,6 +33,35 @@ __all__ = ["AccumOptimizer"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _STATE_FORMAT_VERSION = 1
+# consecutive skipped windows after which a run is told that it is not training
+_SKIP_WARN_AFTER = 10
+
+# id(parameter) -> the (weakly held) fastaccum optimizer whose hooks and buffers it uses now.
+# Two optimizers cannot both own a parameter's gradient (the first hook releases a bf16
+# gradient, fp32 views would be swapped back and forth): the newer one takes over.
+# Keyed by id, not by a weak reference to the parameter: a weakref on a parameter breaks
+# torch.utils.swap_tensors (model.to(...) with swapping). An id cannot be reused while its
+# optimizer lives (it holds the parameter); dead entries are dropped by _release.
+_OWNERS: Dict[int, "weakref.ref[AccumOptimizer]"] = {}
+
+
+def _check_param_kind(p: Tensor) -> None:
+    """Refuse parameter kinds fastaccum's buffers cannot hold, at construction, with the fix.
+
+    One function on purpose: sharded (DTensor) parameters are refused here and only here.
+    """
+    if p.is_meta:
+        raise ValueError(f"a parameter of shape {tuple(p.shape)} is on the meta device (it has no data): "
+                         "materialise the model (e.g. model.to_empty(device=...) and initialise it) before "
+                         "creating the optimizer")
+    if torch.distributed.is_available():
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # older torch without the public DTensor module
+            DTensor = None
+        if DTensor is not None and isinstance(p, DTensor):
+            raise TypeError(f"fastaccum does not support FSDP/DTensor-sharded parameters yet (got a DTensor "
+                            f"parameter of shape {tuple(p.shape)}); use torch.optim for sharded models")
 
 
 class AccumOptimizer(torch.optim.Optimizer):
@@ -108,9 +139,19 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._buckets: List[Bucket] = []
         self._where: Dict[Tensor, Tuple[int, int]] = {}  # param -> (bucket index, position)
         self._hook_handles: List[Any] = []
+        self._hooks: Dict[Tuple[int, int], Any] = {}  # (bucket, position) -> its hook's handle
+        self._unhooked: List[Tuple[int, int]] = []  # parameters frozen at construction: hooked once unfrozen
+        self._taken_over = False  # a newer fastaccum optimizer took (some of) our parameters
+        self._consecutive_skips = 0
         self._norm_cache: Optional[float] = None  # raw buffer norm, valid until new gradients arrive
-        super().__init__(params, defaults)
-        weakref.finalize(self, _remove_hooks, self._hook_handles)
+        # registered before any hook: a constructor that fails, or an optimizer that is
+        # dropped, removes its hooks and lets go of its buffers (p.main_grad)
+        weakref.finalize(self, _release, self._hook_handles, self._buckets)
+        try:
+            super().__init__(params, defaults)
+        except BaseException:
+            _release(self._hook_handles, self._buckets)
+            raise
         self._start_resident()
 
     def _start_resident(self) -> None:
@@ -155,25 +196,28 @@ class AccumOptimizer(torch.optim.Optimizer):
                             "of tensors in sets will change between runs; pass a list")
         else:
             params = list(params)
+        # (name, param) pairs from model.named_parameters(): torch records the names
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
         # Everything is checked before anything is registered, so a bad group leaves the
         # optimizer as it was.
-        for p in params:
+        for p in tensors:
             if not isinstance(p, Tensor):
-                raise TypeError(f"fastaccum optimizes Tensors, got {type(p).__name__}")
+                raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {type(p).__name__}")
+            _check_param_kind(p)
             if p.is_complex():
                 raise TypeError(f"fastaccum does not support complex parameters (got {p.dtype}); "
                                 "view them as real with torch.view_as_real")
             if not p.is_floating_point():
                 raise TypeError(f"fastaccum optimizes floating-point parameters, got a {p.dtype} parameter of "
                                 f"shape {tuple(p.shape)}; leave integer tensors out of the optimizer")
-            if p.dtype not in (torch.float32, *_LOW_PRECISION):
-                raise TypeError(f"fastaccum supports float32, bfloat16 and float16 parameters, got {p.dtype}")
+            if p.dtype not in (torch.float32, torch.float64, *_LOW_PRECISION):
+                raise TypeError(f"fastaccum supports float64, float32, bfloat16 and float16 parameters, got {p.dtype}")
             if p.dtype == torch.float16 and not self.master_weights:
                 raise ValueError("master_weights=False is supported for bfloat16 parameters only (stochastic "
                                  "rounding); float16 parameters need master_weights=True")
         merged = {**self.defaults, **param_group}
         self._check_group(merged)
-        backends = {p.device: resolve_backend(self._backend_request, p.device) for p in params}
+        backends = {p.device: resolve_backend(self._backend_request, p.device) for p in tensors}
         if self._resident is not None and any(
             d != self._resident.device or not b.device_resident for d, b in backends.items()
         ):
@@ -181,6 +225,12 @@ class AccumOptimizer(torch.optim.Optimizer):
                 f"this optimizer keeps its step on {self._resident.device} (backend {self._backend_request!r}); "
                 "a param group on another device or backend cannot join it: create a second optimizer for it"
             )
+        if any(p.dtype == torch.float64 for p in tensors):
+            if self._resident is not None:
+                raise ValueError("float64 parameters run on the torch backend, and this optimizer keeps its "
+                                 "step on the device: create a second optimizer for them")
+            # float64 buckets run on the torch backend (the kernels are fp32/bf16/fp16)
+            backends[torch.float64] = get_backend("torch")
 
         super().add_param_group({**param_group, "params": params})
         group_index = len(self.param_groups) - 1
@@ -190,8 +240,11 @@ class AccumOptimizer(torch.optim.Optimizer):
             # (channels_last, a transposed view) goes to a bucket of the torch backend
             dense = p.is_contiguous() or not backends[p.device].device_resident
             by_key.setdefault((p.device, p.dtype, dense), []).append(p)
-        for (device, _, dense), ps in by_key.items():
-            backend = backends[device] if dense else resolve_backend("torch", device)
+        for (device, dtype, dense), ps in by_key.items():
+            if dtype == torch.float64:
+                backend = backends[torch.float64]
+            else:
+                backend = backends[device] if dense else resolve_backend("torch", device)
             self._add_bucket(Bucket(ps, group_index, backend, with_buffer=not self.step_in_backward))
         if self._resident is not None:
             self._adopt_device_steps()
@@ -199,12 +252,55 @@ class AccumOptimizer(torch.optim.Optimizer):
     def _add_bucket(self, bucket: Bucket) -> None:
         bi = len(self._buckets)
         self._buckets.append(bucket)
-        ref = weakref.ref(self)
         for i, p in enumerate(bucket.params):
             self._where[p] = (bi, i)
-            if p.requires_grad:
-                self._hook_handles.append(p.register_post_accumulate_grad_hook(_make_hook(ref, bi, i)))
+            self._take_over(p)
+            self._hook(bi, i)
             bucket.adopt(i)
+
+    def _hook(self, bi: int, i: int) -> None:
+        """Register parameter i of bucket bi's hook (a frozen parameter is hooked once it is unfrozen)."""
+        p = self._buckets[bi].params[i]
+        if not p.requires_grad:
+            self._unhooked.append((bi, i))
+            return
+        h = p.register_post_accumulate_grad_hook(_make_hook(weakref.ref(self), bi, i))
+        self._hook_handles.append(h)
+        self._hooks[(bi, i)] = h
+
+    def _take_over(self, p: Tensor) -> None:
+        prev = _OWNERS.get(id(p))
+        old = prev() if prev is not None else None
+        if old is not None and old is not self and old._where.get(p) is not None:
+            old._give_up(p)
+        _OWNERS[id(p)] = weakref.ref(self)
+
+    def _give_up(self, p: Tensor) -> None:
+        """A newer fastaccum optimizer over ``p`` takes it: our hook and buffer let go of it."""
+        where = self._where.get(p)
+        if where is None:
+            return
+        bi, i = where
+        h = self._hooks.pop((bi, i), None)
+        if h is not None:
+            h.remove()
+        if (bi, i) in self._unhooked:
+            self._unhooked.remove((bi, i))
+        self._buckets[bi].detach_from_params([i])
+        self._taken_over = True
+
+    def _hook_late_params(self) -> None:
+        """Hook parameters unfrozen since construction; with step_in_backward, apply the
+        gradient their first backward left in p.grad (no hook saw it)."""
+        if not self._unhooked:
+            return
+        for bi, i in list(self._unhooked):
+            p = self._buckets[bi].params[i]
+            if p.requires_grad:
+                self._unhooked.remove((bi, i))
+                self._hook(bi, i)
+                if self.step_in_backward and p.grad is not None:
+                    self._grad_ready(bi, i, p)
 
     # --------------------------------------------------------------- gradients
     def _check_grad(self, bucket: Bucket, p: Tensor, g: Tensor) -> None:
@@ -228,12 +324,14 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._check_grad(bucket, p, g)
         if self.step_in_backward:
             # the gradient is used once, here, and released: none outlives its backward
-            g32 = g.to(torch.float32, memory_format=torch.contiguous_format).view(p.shape)
+            g32 = g.to(bucket.grad_dtype, memory_format=torch.contiguous_format).view(p.shape)
             with torch.no_grad():
                 self._update_bucket(bucket, [i], self._window.unclipped_multiplier(), grads=[g32])
             bucket.release(i)
             return
-        bucket.take_from_hook(i)
+        # managed mode owns the window's accumulation: a model.zero_grad() between
+        # micro-batches must not drop the earlier ones
+        bucket.take_from_hook(i, add_to_fresh=self.accumulation_steps > 1)
         self._norm_cache = None
 
     def _fold_grads(self) -> None:
@@ -269,28 +367,56 @@ class AccumOptimizer(torch.optim.Optimizer):
         tokens are spread over micro-batches (the divisor is known only at step time, so it
         is applied there, folded into the update).
         """
+        w = self._check_loss_weight(loss, weight)
+        factor = self._window.loss_factor(w)
+        return loss * factor if isinstance(factor, Tensor) or factor != 1.0 else loss
+
+    def _check_loss_weight(self, loss: Tensor, weight: Union[None, float, Tensor]) -> Union[float, Tensor]:
         if not isinstance(loss, Tensor):
             raise TypeError(f"Invalid loss: expected a Tensor, got {type(loss).__name__}")
         if weight is None:
-            w = 1.0
-        elif self._resident is not None and isinstance(weight, Tensor):
+            return 1.0
+        if self._resident is not None and isinstance(weight, Tensor):
             # read on the device, not here (reading would wait for the GPU): a weight that is
             # not a finite number > 0 makes the window's step skip instead of raising
             if weight.numel() != 1 or weight.is_complex() or weight.device.type == "meta":
                 raise ValueError(f"Invalid weight: a tensor weight must be one real number, got shape "
                                  f"{tuple(weight.shape)} {weight.dtype} on {weight.device}")
-            w = weight
-        else:
-            w = as_float("weight", weight)
-            if not (w > 0 and math.isfinite(w)):
-                raise ValueError(f"Invalid weight: {w}; a micro-batch weight (e.g. its token count) must be a "
-                                 "finite number > 0; skip empty micro-batches instead of passing 0")
-        factor = self._window.loss_factor(w)
-        return loss * factor if isinstance(factor, Tensor) or factor != 1.0 else loss
+            return weight
+        w = as_float("weight", weight)
+        if not (w > 0 and math.isfinite(w)):
+            raise ValueError(f"Invalid weight: {w}; a micro-batch weight (e.g. its token count) must be a "
+                             "finite number > 0; skip empty micro-batches instead of passing 0")
+        return w
 
     def backward(self, loss: Tensor, weight: Union[None, float, Tensor] = None, **backward_kwargs: Any) -> None:
-        """``scale_loss(loss, weight).backward()``."""
-        self.scale_loss(loss, weight).backward(**backward_kwargs)
+        """``scale_loss(loss, weight).backward()``, counting ``weight`` only once the backward succeeded.
+
+        If the backward raises (out of memory, a hook), the weight is not counted; gradients
+        that reached the buffer before the error stay in it: call :meth:`discard_window` to
+        drop the half-done window (or retry the micro-batch after ``discard_window()``).
+        """
+        w = self._check_loss_weight(loss, weight)
+        self._hook_late_params()
+        if self.step_in_backward:  # hooks update during this backward: the weight must be known
+            self.scale_loss(loss, weight).backward(**backward_kwargs)
+            return
+        factor = self._window.loss_factor(w, record=False)
+        (loss * factor if isinstance(factor, Tensor) or factor != 1.0 else loss).backward(**backward_kwargs)
+        self._window.commit(w)
+
+    @torch.no_grad()
+    def discard_window(self) -> None:
+        """Drop the accumulation window in progress: its gradients, weights and micro-step count.
+
+        Parameters, state, step counts, the loss scale and ``skipped_steps`` do not change.
+        Use it after a micro-batch whose backward failed (gradients of some parameters may
+        already be in the buffer), or to abandon a window on purpose.
+        """
+        for bucket in self._buckets:
+            bucket.consume_all()
+            bucket.clear(set_to_none=True)
+        self._end_window()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
@@ -348,10 +474,15 @@ class AccumOptimizer(torch.optim.Optimizer):
         ``grad_scale``/``found_inf`` are what ``torch.amp.GradScaler`` provides (it sets them
         as attributes when driving this optimizer); they are folded into the same update.
         """
+        if self._taken_over:
+            raise RuntimeError("a newer fastaccum optimizer was created over some of this optimizer's parameters "
+                               "and took them over (only one can own their gradient buffers): step the newer "
+                               "optimizer, or create it after this one is gone")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._hook_late_params()
         if grad_scale is None:
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
@@ -406,14 +537,29 @@ class AccumOptimizer(torch.optim.Optimizer):
         if multiplier is None:
             self._skip()
             return
-        for bucket in self._buckets:
-            live = bucket.live_indices()
+        work = [(bucket, bucket.live_indices()) for bucket in self._buckets]
+        # Everything that can fail before a kernel runs (state allocation, segments,
+        # hyper-parameters) runs for every bucket first, so an error there changes no
+        # parameter and no step count; if a kernel itself fails, the step counts go back,
+        # so that a retry does not count a step twice.
+        plans = []
+        for bucket, live in work:
             if live:
                 bucket.zero_stale(live)
-                self._update_bucket(bucket, live, multiplier)
+                plans.append((bucket, live, self._plan_bucket(bucket, live, multiplier)))
+        saved_steps = [bucket.steps.clone() for bucket, _, _ in plans]
+        try:
+            for bucket, live, plan in plans:
+                self._run_bucket(bucket, live, plan)
+        except BaseException:
+            for (bucket, _, _), steps in zip(plans, saved_steps):
+                bucket.steps.copy_(steps)
+            raise
+        for bucket, _ in work:
             bucket.consume_all()
         if self._scaler is not None:
             self._scaler.update(found_inf=False)
+        self._consecutive_skips = 0
         self._end_window()
 
     def _update_on_device(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
@@ -422,20 +568,30 @@ class AccumOptimizer(torch.optim.Optimizer):
         once when finalize decided to skip. Nothing here reads a device value."""
         res = self._resident
         res.plan(self._buckets)
-        for _, bucket, _ in res.work:  # allocate the state first: a refusal changes nothing
-            self._prepare_state(bucket, bucket.live_indices(), count_step=False)
-        partials = res.sumsq() if self._window.needs_norm(grad_scale, self.max_grad_norm) else None
-        self._window.finalize_on_device(
-            partials, res.steps, res.step_index, grad_scaler_scale=_as_tensor(grad_scale),
-            found_inf=_as_tensor(found_inf), max_grad_norm=self.max_grad_norm,
-        )
+        # everything that can refuse runs before any kernel (state allocation, hyper-parameters)
+        launches = []
         for _, bucket, table in res.work:
+            self._prepare_state(bucket, bucket.live_indices())
             group = self.param_groups[bucket.group_index]
-            stochastic = self._stochastic(bucket)
-            getattr(res.kernels, self._kernel)(
-                table, bucket.grad, *self._flat_state_args(bucket), res.steps, self._window.state,
-                **self._device_hyper(group), seed=self._rng_seed(stochastic),
+            launches.append((bucket, table, self._device_hyper(group), self._rng_seed(self._stochastic(bucket))))
+        # a kernel that fails leaves the step counts and the window as they were (device
+        # copies, no sync), so that a retry does not count a step twice
+        saved_steps, saved_window = res.steps.clone(), self._window.state.clone()
+        try:
+            partials = res.sumsq() if self._window.needs_norm(grad_scale, self.max_grad_norm) else None
+            self._window.finalize_on_device(
+                partials, res.steps, res.step_index, grad_scaler_scale=_as_tensor(grad_scale),
+                found_inf=_as_tensor(found_inf), max_grad_norm=self.max_grad_norm,
             )
+            for bucket, table, hyper, seed in launches:
+                getattr(res.kernels, self._kernel)(
+                    table, bucket.grad, *self._flat_state_args(bucket), res.steps, self._window.state,
+                    **hyper, seed=seed,
+                )
+        except BaseException:
+            res.steps.copy_(saved_steps)
+            self._window.state.copy_(saved_window)
+            raise
         for bucket in self._buckets:
             bucket.consume_all()
         self._end_window()
@@ -453,6 +609,15 @@ class AccumOptimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             bucket.consume_all()
         self.skipped_steps += 1
+        self._consecutive_skips += 1
+        if self._consecutive_skips == _SKIP_WARN_AFTER:
+            warnings.warn(
+                f"fastaccum: the last {_SKIP_WARN_AFTER} updates were all skipped (inf/nan gradients), so the "
+                f"model is not training (loss scale {self.loss_scale}). Check the loss for inf/nan, lower "
+                "loss_scale (or use loss_scale='dynamic'), or use bf16 instead of fp16 parameters",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if self._scaler is not None:
             self._scaler.update(found_inf=True)
         self._end_window()
@@ -465,28 +630,32 @@ class AccumOptimizer(torch.optim.Optimizer):
         """(state key, dtype) of the flat state this optimizer keeps, besides 'step'."""
         raise NotImplementedError
 
-    def _prepare_state(self, bucket: Bucket, idx: Sequence[int], count_step: bool = True) -> Dict[str, List[Tensor]]:
-        """Flat state for the bucket (allocated once) and per-parameter state views; adds one
-        to the step counts of ``idx`` unless the device does it (``count_step=False``)."""
+    def _prepare_state(self, bucket: Bucket, idx: Sequence[int]) -> Dict[str, List[Tensor]]:
+        """Flat state for the bucket (allocated once) and per-parameter state views."""
         group = self.param_groups[bucket.group_index]
-        spec = list(self._state_spec(group))
-        if bucket.low_precision and self.master_weights:
-            spec.append(("master_param", torch.float32))
-        views = {name: bucket.allocate_state(name, dtype) for name, dtype in spec}
+        spec = self._bucket_spec(bucket, group)
+        views = {name: bucket.allocate_state(name, dtype) for name, dtype in spec.items()}
         for i in idx:
             p = bucket.params[i]
             st = self.state[p]
             if not st:
                 st["step"] = bucket.steps[i]
-                for name, _ in spec:
+                for name in spec:
                     st[name] = views[name][i]
                 if "master_param" in views:
                     # the master starts from the parameter as it is at its first update, so
                     # weights loaded after the optimizer was built are picked up
                     views["master_param"][i].copy_(p.detach())
-        if count_step:
-            bucket.steps[list(idx)] += 1
         return views
+
+    def _bucket_spec(self, bucket: Bucket, group: Dict[str, Any]) -> Dict[str, torch.dtype]:
+        """Every flat state tensor of the bucket and its dtype (the algorithm's, plus masters)."""
+        spec = dict(self._state_spec(group))
+        if bucket.dtype == torch.float64:  # float64 parameters keep float64 state, as torch.optim
+            spec = {name: torch.float64 for name in spec}
+        if bucket.low_precision and self.master_weights:
+            spec["master_param"] = torch.float32
+        return spec
 
     def _rng_seed(self, needed: bool) -> int:
         # stochastic rounding draws its seed from torch's RNG: runs are reproducible
@@ -509,17 +678,27 @@ class AccumOptimizer(torch.optim.Optimizer):
         self, bucket: Bucket, idx: Sequence[int], multiplier: float, grads: Optional[List[Tensor]] = None
     ) -> None:
         """Update parameters ``idx`` of the bucket from their buffer segments (or ``grads``)."""
+        self._run_bucket(bucket, idx, self._plan_bucket(bucket, idx, multiplier, grads))
+
+    def _plan_bucket(
+        self, bucket: Bucket, idx: Sequence[int], multiplier: float, grads: Optional[List[Tensor]] = None
+    ) -> Tuple[Any, Any]:
+        """The kernel's (segments, hyper-parameters); changes no parameter and no step count."""
         group = self.param_groups[bucket.group_index]
         views = self._prepare_state(bucket, idx)
         steps = bucket.steps.tolist()
         segs = self._segments(
             bucket, idx, views,
             grads if grads is not None else [bucket.grad_views[i] for i in idx],
-            [int(steps[i]) for i in idx],
+            [int(steps[i]) + 1 for i in idx],  # the step counts after this step
         )
         stochastic = self._stochastic(bucket)
         hp = self._hyper(group, multiplier, stochastic, self._rng_seed(stochastic))
-        getattr(bucket.backend, self._kernel)(segs, hp)
+        return segs, hp
+
+    def _run_bucket(self, bucket: Bucket, idx: Sequence[int], plan: Tuple[Any, Any]) -> None:
+        bucket.steps[list(idx)] += 1
+        getattr(bucket.backend, self._kernel)(*plan)
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> Dict[str, Any]:
@@ -538,57 +717,43 @@ class AccumOptimizer(torch.optim.Optimizer):
         }
         return sd
 
+    # Hyper-parameters every checkpoint of this algorithm has (older torch versions included);
+    # a group without them was saved by another optimizer. Other keys missing from an older
+    # checkpoint (maximize, foreach, decoupled_weight_decay...) take this optimizer's defaults.
+    _required_group_keys: Tuple[str, ...] = ("lr",)
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a fastaccum state_dict, or a ``torch.optim`` one of the same optimizer kind.
 
-        Everything is checked before anything changes. Unlike ``torch.optim``, state is not
-        cast to the parameter dtype: fp32 moments and master weights of bf16 parameters stay fp32.
+        Everything is checked before anything changes: a refused state_dict leaves the
+        optimizer as it was. Unlike ``torch.optim``, state is not cast to the parameter
+        dtype: fp32 moments and master weights of bf16 parameters stay fp32.
         """
-        extra = state_dict.get("fastaccum")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, this optimizer has "
-                             f"{len(self.param_groups)}: it was saved for another parameter layout")
-        index_to_param: Dict[int, Tensor] = {}
-        for g, sg in zip(self.param_groups, saved_groups):
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError(f"a parameter group has {len(g['params'])} parameters here but "
-                                 f"{len(sg['params'])} in the state_dict: it was saved for another parameter layout")
-            index_to_param.update(zip(sg["params"], g["params"]))
-        for key, st in state_dict["state"].items():
-            p = index_to_param.get(key)
-            if p is None:
-                raise ValueError(f"state_dict has state for parameter index {key!r}, which no group names")
-            for name, v in st.items():
-                if name != "step" and isinstance(v, Tensor) and v.numel() != p.numel():
-                    raise ValueError(f"state {name!r} has {v.numel()} elements but its parameter has {p.numel()} "
-                                     f"(shape {tuple(p.shape)}): the state_dict was saved for another parameter layout")
-        if extra is not None:
-            layout = [b.layout() for b in self._buckets]
-            if [list(x) for x in extra["layout"]] != layout:
-                raise ValueError("the state_dict's accumulation buffers were saved for another parameter layout "
-                                 f"(saved {extra['layout']}, here {layout})")
-        # torch restores the groups' hyper-parameters (and their hooks); state is ours to place.
-        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        state_dict = state_dict.copy()  # shallow, as torch.optim does
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, placed, extra = self._validate_state_dict(state_dict)
+
+        # ---- nothing below raises on a validated state_dict
+        self.param_groups = groups
         for bucket in self._buckets:  # parameters without saved state start afresh
             bucket.steps.zero_()
             for flat in bucket.flat_state.values():
                 flat.zero_()
-        for key, st in state_dict["state"].items():
-            p = index_to_param[key]
+        self.state.clear()
+        for p, (step, tensors) in placed.items():
             bi, i = self._where[p]
             bucket = self._buckets[bi]
-            group = self.param_groups[bucket.group_index]
-            spec = dict(self._state_spec(group))
-            if bucket.low_precision and self.master_weights:
-                spec["master_param"] = torch.float32
+            spec = self._bucket_spec(bucket, self.param_groups[bucket.group_index])
             state = self.state[p]
             state["step"] = bucket.steps[i]
-            bucket.steps[i] = float(st["step"]) if "step" in st else 0.0
+            bucket.steps[i] = step
             for name, dtype in spec.items():
                 view = bucket.allocate_state(name, dtype)[i]
-                if name in st:
-                    view.copy_(st[name].reshape(view.shape))
+                if name in tensors:
+                    view.copy_(tensors[name].reshape(view.shape))
                 elif name == "master_param":
                     view.copy_(p.detach())
                 else:
@@ -602,6 +767,160 @@ class AccumOptimizer(torch.optim.Optimizer):
             if self._scaler is not None and extra["loss_scaler"] is not None:
                 self._scaler.load_state_dict(extra["loss_scaler"])
         self._norm_cache = None
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _validate_state_dict(self, state_dict: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], Dict[Tensor, Any], Any]:
+        """Check a state_dict completely and resolve what loading it means, changing nothing.
+
+        Returns the new param groups, ``{param: (step, {state name: tensor})}`` with every
+        tensor already detached from this optimizer's own storage (loading our own
+        state_dict must not read what it is overwriting), and the fastaccum extra.
+        """
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+            raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups' entries")
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, this optimizer has "
+                             f"{len(self.param_groups)}: it was saved for another parameter layout")
+        index_to_param: Dict[Any, Tensor] = {}
+        groups = []
+        for g, sg in zip(self.param_groups, saved_groups):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(f"a parameter group has {len(g['params'])} parameters here but "
+                                 f"{len(sg['params'])} in the state_dict: it was saved for another parameter layout")
+            missing = [k for k in self._required_group_keys if k not in sg]
+            if missing:
+                raise ValueError(f"the state_dict's parameter group lacks {missing}: it was saved by another kind "
+                                 f"of optimizer than {type(self).__name__}")
+            index_to_param.update(zip(sg["params"], g["params"]))
+            new = {**{k: v for k, v in self.defaults.items()}, **sg, "params": g["params"]}
+            if "param_names" in g and "param_names" not in sg:
+                new["param_names"] = g["param_names"]
+            try:
+                self._check_group(new)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"the state_dict's parameter group is invalid: {e}") from e
+            groups.append(new)
+        own = self._own_storages()
+        placed: Dict[Tensor, Any] = {}
+        for key, st in state_dict["state"].items():
+            p = index_to_param.get(key)
+            if p is None:
+                raise ValueError(f"state_dict has state for parameter index {key!r}, which no group names")
+            if not isinstance(st, dict):
+                raise ValueError(f"the state of parameter {key!r} is a {type(st).__name__}, expected a dict")
+            bi, i = self._where[p]
+            bucket = self._buckets[bi]
+            spec = self._bucket_spec(bucket, groups[bucket.group_index])
+            tensors: Dict[str, Tensor] = {}
+            for name, v in st.items():
+                if name == "step" or v is None:
+                    continue  # torch.optim.SGD keeps momentum_buffer=None for momentum 0
+                if name not in spec:
+                    raise ValueError(f"state_dict has state {name!r} for parameter {key!r}, which "
+                                     f"{type(self).__name__} with these hyper-parameters does not keep (it keeps "
+                                     f"{sorted(spec)}): it was saved by another kind of optimizer")
+                if not isinstance(v, Tensor) or v.numel() != p.numel():
+                    raise ValueError(f"state {name!r} has {getattr(v, 'numel', lambda: '?')()} elements but its "
+                                     f"parameter has {p.numel()} (shape {tuple(p.shape)}): the state_dict was saved "
+                                     "for another parameter layout")
+                if v.is_complex() or not v.is_floating_point():
+                    raise ValueError(f"state {name!r} of parameter {key!r} has dtype {v.dtype}; expected floating point")
+                if v.device.type == "meta":
+                    raise ValueError(f"state {name!r} of parameter {key!r} is on the meta device (it has no data)")
+                tensors[name] = v.detach().clone() if _storage_key(v) in own else v.detach()
+            if "step" in st:
+                try:
+                    step = as_float("step", st["step"])
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"the step of parameter {key!r} is invalid: {e}") from None
+                if not (math.isfinite(step) and step >= 0 and step == int(step)):
+                    raise ValueError(f"the step of parameter {key!r} is {step}; it must be a whole number >= 0")
+            else:
+                # torch.optim.SGD keeps no step: a saved momentum buffer means at least one
+                # step was taken, so the next one must not restart the momentum from the gradient
+                step = 1.0 if tensors else 0.0
+            placed[p] = (step, tensors)
+        extra = state_dict.get("fastaccum")
+        if extra is not None:
+            extra = self._validate_extra(extra, own)
+        return groups, placed, extra
+
+    def _validate_extra(self, extra: Any, own: set) -> Dict[str, Any]:
+        if not isinstance(extra, dict):
+            raise ValueError(f"the state_dict's 'fastaccum' entry is a {type(extra).__name__}, expected a dict")
+        needed = ("layout", "grad_buffers", "live", "fresh", "skipped_steps", "loss_scaler")
+        missing = [k for k in needed if k not in extra]
+        if missing:
+            raise ValueError(f"the state_dict's 'fastaccum' entry lacks {missing}: it is corrupt")
+        layout = [b.layout() for b in self._buckets]
+        if not isinstance(extra["layout"], (list, tuple)) or [list(x) for x in extra["layout"]] != layout:
+            raise ValueError("the state_dict's accumulation buffers were saved for another parameter layout "
+                             f"(saved {extra['layout']}, here {layout})")
+        n = len(self._buckets)
+        for key in ("grad_buffers", "live", "fresh"):
+            if not isinstance(extra[key], (list, tuple)) or len(extra[key]) != n:
+                raise ValueError(f"the state_dict's {key!r} must be a list with one entry per bucket ({n}), got "
+                                 f"{extra[key]!r:.80}: the checkpoint is corrupt")
+        for b, buf, live, fresh in zip(self._buckets, extra["grad_buffers"], extra["live"], extra["fresh"]):
+            b.check_saved(buf, live, fresh)
+        self._window.check_state(extra)
+        sk = extra["skipped_steps"]
+        if isinstance(sk, bool) or not isinstance(sk, int) or sk < 0:
+            raise ValueError(f"the state_dict's skipped_steps is {sk!r}; it must be an int >= 0")
+        if extra["loss_scaler"] is not None:
+            LossScaler.check_state(extra["loss_scaler"])
+        mid_window = bool(extra["weighted"]) or any(any(f) for f in extra["fresh"])
+        if mid_window and bool(extra["weighted"]) and (extra["loss_scaler"] is None) != (self._scaler is None):
+            # the saved partial gradients carry the saved loss scale: read with another one
+            # they would be applied 65536x too large (or small)
+            raise ValueError(
+                "the state_dict was saved in the middle of an accumulation window with "
+                f"loss_scale={'None' if extra['loss_scaler'] is None else 'set'}, but this optimizer has "
+                f"loss_scale={'None' if self._scaler is None else 'set'}: resume with the same loss_scale "
+                "setting, or save the checkpoint at a window boundary")
+        extra = dict(extra)
+        extra["grad_buffers"] = [
+            None if buf is None else (buf.detach().clone() if _storage_key(buf) in own else buf.detach())
+            for buf in extra["grad_buffers"]
+        ]
+        return extra
+
+    def _own_storages(self) -> set:
+        own = set()
+        for b in self._buckets:
+            for t in (b.grad, b.steps, *b.flat_state.values()):
+                if t is not None:
+                    own.add(_storage_key(t))
+        return own
+
+    # ------------------------------------------------------------ copy / pickle
+    def __getstate__(self) -> Dict[str, Any]:
+        # Everything (buffers, window, scaler, buckets) travels, so that a deep copy or a
+        # torch.save(opt) steps like the original; hook handles are re-made on the copy's
+        # parameters, and user hooks are left behind as torch.optim leaves them.
+        state = self.__dict__.copy()
+        for key in ("_hook_handles", "_hooks", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_buckets" not in state:  # torch.optim's own three-key state: nothing of ours to restore
+            return
+        self._hook_handles = []
+        self._hooks = {}
+        self._unhooked = []
+        weakref.finalize(self, _release, self._hook_handles, self._buckets)
+        for bi, bucket in enumerate(self._buckets):
+            for i, p in enumerate(bucket.params):
+                self._take_over(p)
+                self._hook(bi, i)
+                bucket.adopt(i)
+            bucket.restore(None, bucket.live, bucket.fresh)
 
 
 def _make_hook(ref: "weakref.ref[AccumOptimizer]", bi: int, i: int) -> Callable[[Tensor], None]:
@@ -619,6 +938,17 @@ def _as_tensor(x: Any) -> Optional[Tensor]:
     return x if x is None or isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float32)
 
 
-def _remove_hooks(handles: List[Any]) -> None:
+def _release(handles: List[Any], buckets: List[Bucket]) -> None:
+    """The optimizer is gone (or its constructor failed): remove its hooks, free its buffers."""
     for h in handles:
         h.remove()
+    for b in buckets:
+        b.detach_from_params()
+        for p in b.params:
+            ref = _OWNERS.get(id(p))
+            if ref is not None and ref() is None:
+                del _OWNERS[id(p)]
+
+
+def _storage_key(t: Tensor) -> Tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())

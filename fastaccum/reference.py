@@ -114,6 +114,9 @@ def stochastic_round_(dst: Tensor, src: Tensor, generator: Optional[torch.Genera
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
     # -65536 == 0xFFFF0000 as int32: clear the 16 bits bf16 does not keep.
     rounded = (bits + noise).bitwise_and_(-65536).view(torch.float32)
+    # A NaN must stay NaN whatever its payload: 0x7FFFFFFF (the NaN CUDA produces) plus
+    # noise wraps to -0.0, and a payload only in the low 16 bits truncates to inf.
+    rounded = torch.where(src.reshape(rounded.shape).isnan(), src.reshape(rounded.shape), rounded)
     dst.copy_(rounded.view_as(dst))
 
 

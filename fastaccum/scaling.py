@@ -125,7 +125,26 @@ class LossScaler:
             "growth_tracker": self.growth_tracker,
         }
 
+    @staticmethod
+    def check_state(sd: Any) -> None:
+        """Refuse a saved scaler whose values would stall or poison the run (scale 0 or NaN...)."""
+        if not isinstance(sd, dict):
+            raise ValueError(f"the state_dict's loss_scaler is {type(sd).__name__}, expected a dict")
+        missing = [k for k in ("scale", "dynamic", "growth_factor", "backoff_factor", "growth_interval",
+                               "growth_tracker") if k not in sd]
+        if missing:
+            raise ValueError(f"the state_dict's loss_scaler lacks {missing}: it is corrupt")
+        for key in ("scale", "growth_factor", "backoff_factor"):
+            v = sd[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"the state_dict's loss_scaler {key} is {v!r}; it must be a finite number > 0")
+        for key, low in (("growth_interval", 1), ("growth_tracker", 0)):
+            v = sd[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"the state_dict's loss_scaler {key} is {v!r}; it must be an int >= {low}")
+
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.check_state(sd)
         self.scale = float(sd["scale"])
         self.dynamic = bool(sd["dynamic"])
         self.growth_factor = float(sd["growth_factor"])

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .backends import SGDHyper, SGDSegments
 from .buffers import Bucket
-from .checks import as_float, check_nonneg, device_lr
+from .checks import as_float, check_nonneg, check_tensor_lr, device_lr
 from .optimizer import AccumOptimizer
 from .scaling import LossScaleArg
 
@@ -22,6 +22,7 @@ class SGD(AccumOptimizer):
     """SGD with momentum/Nesterov, like :class:`torch.optim.SGD`, with fastaccum's accumulation."""
 
     _kernel = "sgd_"
+    _required_group_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
     def __init__(
         self,
@@ -47,6 +48,9 @@ class SGD(AccumOptimizer):
             raise ValueError("differentiable=True is not supported by fastaccum; use torch.optim.SGD")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=False, fused=fused)
+        # hyper-parameters are checked before the parameters are read, as torch.optim does
+        check_tensor_lr(lr)
+        self._check_group(defaults)
         super().__init__(
             params, defaults, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
             loss_scale=loss_scale, master_weights=master_weights, state_dtype=torch.float32, backend=backend,

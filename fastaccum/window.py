@@ -52,6 +52,12 @@ class AccumulationWindow:
         self.micro_step = 0
         self.weight_sum = 0.0
         self.weighted = False
+        # Weights are counted in units of the window's first weight (one process only), so
+        # the loss is multiplied by w / weight_ref ~ 1 instead of w: a token count of 4096
+        # times a loss scale of 2**16 overflows an fp16 backward, w / weight_ref does not.
+        # The update is unchanged: sum(w_i/ref * g_i) / sum(w_i/ref). Across ranks the
+        # weight sum is all-reduced, so there the unit stays 1 on every rank.
+        self.weight_ref: Optional[float] = None
         self.clip_request: Optional[float] = None  # max_norm from clip_grad_norm_ for this window
         self._warned_low_precision_ddp = False
         # device-resident: the kernels module, its window-state tensor, the weights passed as
@@ -89,19 +95,38 @@ class AccumulationWindow:
         """True when the next ``step()`` updates."""
         return self.micro_step + 1 >= self.accumulation_steps
 
-    def loss_factor(self, weight: Union[float, Tensor]) -> Union[float, Tensor]:
-        """Record a micro-batch's ``weight``; the factor its loss is multiplied by (a device
-        tensor when the window is resident and a loss scale or a tensor weight is involved)."""
-        if isinstance(weight, Tensor):
-            self.record_tensor_weight(weight)
-        elif self.step_in_backward:
-            self.weight_sum = weight  # every backward is its own step
-        else:
-            self.weight_sum += weight
-        self.weighted = True
+    def _ref(self, weight: Union[float, Tensor]) -> Union[float, Tensor]:
+        if self.weight_ref is not None and not self.step_in_backward:  # every backward is its own window there
+            return self.weight_ref
+        return weight if dist_world() is None else 1.0
+
+    def loss_factor(self, weight: Union[float, Tensor], record: bool = True) -> Union[float, Tensor]:
+        """The factor a micro-batch's loss is multiplied by; records ``weight`` unless
+        ``record=False`` (then :meth:`commit` records it once its backward succeeded).
+
+        On a resident window the factor is a device tensor when a loss scale or a tensor
+        weight is involved: nothing is read back."""
         if self.resident and self.scaler is not None:
-            return weight * self.scaler.scale_tensor()
-        return weight * (self.scaler.scale if self.scaler is not None else 1.0)
+            scale: Union[float, Tensor] = self.scaler.scale_tensor()
+        else:
+            scale = self.scaler.scale if self.scaler is not None else 1.0
+        factor = weight / self._ref(weight) * scale
+        if record:
+            self.commit(weight)
+        return factor
+
+    def commit(self, weight: Union[float, Tensor]) -> None:
+        """Count a micro-batch's ``weight`` in the window (after its backward succeeded)."""
+        ref = self._ref(weight)
+        self.weight_ref = ref
+        unit = weight / ref
+        if isinstance(unit, Tensor):  # a device weight (or unit): summed on the device
+            self.record_tensor_weight(unit)
+        elif self.step_in_backward:
+            self.weight_sum = unit  # every backward is its own step
+        else:
+            self.weight_sum += unit
+        self.weighted = True
 
     def advance(self) -> bool:
         """Count one ``step()`` call; True when it is the window's last (the update is due).
@@ -118,6 +143,7 @@ class AccumulationWindow:
         self.micro_step = 0
         self.weight_sum = 0.0
         self.weighted = False
+        self.weight_ref = None
         self.clip_request = None
         self.weight_sum_t = None
         self.bad_weight_t = None
@@ -271,11 +297,37 @@ class AccumulationWindow:
             "micro_step": self.micro_step,
             "weight_sum": weight_sum,
             "weighted": self.weighted,
+            "weight_ref": float(self.weight_ref) if isinstance(self.weight_ref, Tensor) else self.weight_ref,
             "clip_request": self.clip_request,
         }
 
+    def check_state(self, sd: Dict[str, Any]) -> None:
+        """Refuse a saved window that would become NaN weights, a stall or an IndexError."""
+        for key in ("micro_step", "weight_sum", "weighted"):
+            if key not in sd:
+                raise ValueError(f"the state_dict's accumulation window lacks {key!r}: it is corrupt or not fastaccum's")
+        ms = sd["micro_step"]
+        if isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms < self.accumulation_steps:
+            raise ValueError(f"the state_dict's micro_step is {ms!r}, outside [0, accumulation_steps="
+                             f"{self.accumulation_steps}): the checkpoint is corrupt or was saved with a larger "
+                             "accumulation_steps (finish the window before changing it)")
+        ws = sd["weight_sum"]
+        if not isinstance(ws, (int, float)) or isinstance(ws, bool) or not (math.isfinite(ws) and ws >= 0):
+            raise ValueError(f"the state_dict's weight_sum is {ws!r}; it must be a finite number >= 0")
+        if sd["weighted"] and not ws > 0:
+            raise ValueError(f"the state_dict's window is weighted but its weight_sum is {ws!r}; it must be > 0")
+        ref = sd.get("weight_ref")
+        if ref is not None and not (isinstance(ref, (int, float)) and math.isfinite(ref) and ref > 0):
+            raise ValueError(f"the state_dict's weight_ref is {ref!r}; it must be a finite number > 0")
+        clip = sd.get("clip_request")
+        if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+            raise ValueError(f"the state_dict's clip_request is {clip!r}; it must be a finite number > 0 or None")
+
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.check_state(sd)
         self.micro_step = int(sd["micro_step"])
         self.weight_sum = float(sd["weight_sum"])
         self.weighted = bool(sd["weighted"])
+        # a window saved before weights had a unit counted them in absolute terms (unit 1)
+        self.weight_ref = sd.get("weight_ref", 1.0 if self.weighted else None)
         self.clip_request = sd.get("clip_request")

@@ -125,13 +125,24 @@ def rule_only_buffers_write_grads_and_flags(module: str, tree: ast.Module) -> Li
 MULTIPLIER_INPUTS = {"weight_sum", "divisor", "clip_coef", "scale_and_divisor"}
 
 
+# The device-resident step computes the same formula in the finalize kernel; only window.py
+# launches it (checked below), so the formula still has one owner on the Python side.
+DEVICE_FORMULA = "fastaccum.backends.triton_kernels"
+
+
 def rule_only_window_computes_multiplier(module: str, tree: ast.Module) -> List[str]:
     """Only window.py computes the update multiplier: elsewhere grad_multiplier= gets a
-    computed value never, and the window's inputs (weight sum, divisor, clip coefficient)
-    take part in no arithmetic."""
+    computed value never, the window's inputs (weight sum, divisor, clip coefficient) take
+    part in no arithmetic, and nothing but window.py launches the device finalize."""
     if module == "fastaccum.window" or _under(module, "fastaccum.tools"):
         return []
     bad = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "finalize"
+                and module != DEVICE_FORMULA):
+            bad.append(f"{module}:{node.lineno} launches finalize")
+    if module == DEVICE_FORMULA:
+        return bad
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg == "grad_multiplier" and isinstance(node.value, ast.BinOp):
             bad.append(f"{module}:{node.value.lineno} computes grad_multiplier")
@@ -166,7 +177,8 @@ BREAKERS = {
     rule_backends_below_optimizer: ("fastaccum.backends.torch_backend", "from ..window import AccumulationWindow"),
     rule_only_cpu_backend_touches_C: ("fastaccum.backends.torch_backend", "from .cpu import _C"),
     rule_only_buffers_write_grads_and_flags: ("fastaccum.optimizer", "bucket.live[i] = False\np.grad = None"),
-    rule_only_window_computes_multiplier: ("fastaccum.adam", "hp = AdamHyper(grad_multiplier=1.0 / (s * d))"),
+    rule_only_window_computes_multiplier: ("fastaccum.optimizer", "hp = AdamHyper(grad_multiplier=1.0 / (s * d))\n"
+                                           "kernels.finalize(partials, state, steps, index)"),
 }
 
 

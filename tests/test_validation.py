@@ -47,7 +47,7 @@ def test_bad_constructor_arguments(kw, exc, match):
     [
         (torch.zeros(3, dtype=torch.int64), TypeError, "floating-point"),
         (torch.zeros(3, dtype=torch.complex64), TypeError, "complex"),
-        (torch.zeros(3, dtype=torch.float64), TypeError, "float32, bfloat16 and float16"),
+        (torch.zeros(3, dtype=torch.float8_e4m3fn), TypeError, "float64, float32, bfloat16 and float16"),
     ],
 )
 def test_bad_parameters(param, exc, match):

@@ -129,3 +129,10 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<fastaccum backend {self.name!r}>"
+
+    def __reduce__(self) -> Any:
+        # a pickled or deep-copied optimizer refers to its backend by name: the copy gets the
+        # shared instance of the process it is loaded in (with its threads bound there)
+        from . import get_backend
+
+        return (get_backend, (self.name,))

@@ -18,8 +18,12 @@ _NORM_CHUNK = 1 << 20
 
 
 def _fp32(t: Tensor) -> Tensor:
-    """The tensor itself when already fp32 (math in place), else an fp32 working copy."""
-    return t if t.dtype == torch.float32 else t.float()
+    """The tensor itself when already fp32 (math in place), else an fp32 working copy.
+
+    float64 tensors (a float64 parameter's bucket: gradient, state and parameter all float64)
+    are kept as they are: their math runs in float64, as in torch.optim.
+    """
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 class TorchBackend(Backend):

@@ -69,14 +69,16 @@ def _round_store(ptr, offs, mask, x, seed, MODE: tl.constexpr):
     is not the same everywhere: Triton's interpreter truncates) or stochastically
     (see reference.stochastic_round_); the final cast is then exact.
     """
+    # A NaN stays NaN whatever its payload (0x7FFFFFFF + the rounding bias wraps to -0.0):
+    # it is stored as the canonical quiet NaN 0x7FC00000, as the cast does.
     if MODE == 1:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
-        x = bits.to(tl.float32, bitcast=True)
+        x = tl.where(x != x, 0x7FC00000, bits).to(tl.float32, bitcast=True)
     elif MODE == 2:
         bits = x.to(tl.int32, bitcast=True)
         noise = (tl.randint(seed, offs) & 0xFFFF).to(tl.int32)
-        x = ((bits + noise) & -65536).to(tl.float32, bitcast=True)
+        x = tl.where(x != x, 0x7FC00000, (bits + noise) & -65536).to(tl.float32, bitcast=True)
     tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
 
 

@@ -56,10 +56,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
-import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
