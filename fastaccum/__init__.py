@@ -17,7 +17,7 @@ from .backends import (
     resolve_backend,
 )
 from .adam import Adam, AdamW
-from .optimizer import AccumOptimizer
+from .optimizer import AccumOptimizer, ddp_comm_hook
 from .sgd import SGD
 from .scaling import LossScaler
 
@@ -28,6 +28,7 @@ __all__ = [
     "Adam",
     "SGD",
     "AccumOptimizer",
+    "ddp_comm_hook",
     "LossScaler",
     "BackendUnavailableError",
     "available_backends",
