@@ -121,6 +121,17 @@ def _worker(rank, init_file, out_dir):
     _run(model, opt, rank, micro[cut:], sync_every=True)
     out["dcp_resumed"] = _full(model)
 
+    # layouts fastaccum does not handle yet are refused at construction (tensor parallel's
+    # replicated/partial DTensors, HSDP's 2-D mesh): the norm would be reduced over the wrong group
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    replicated = torch.nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Replicate()]))
+    try:
+        fastaccum.AdamW([replicated])
+        out["refused"] = None
+    except ValueError as e:
+        out["refused"] = str(e)
+
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -200,3 +211,8 @@ def test_fsdp2_dcp_checkpoint_mid_window_resumes_exactly(ranks):
         assert ranks[r]["dcp_micro_step"] == 1
         for k, v in ranks[r]["dcp_straight"].items():
             assert torch.equal(ranks[r]["dcp_resumed"][k], v), k
+
+
+def test_other_dtensor_layouts_are_refused_at_construction(ranks):
+    msg = ranks[0]["refused"]
+    assert msg is not None and "Tensor parallel" in msg and "Replicate" in msg
