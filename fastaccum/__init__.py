@@ -20,7 +20,7 @@ from .adam import Adam, AdamW
 from .advice import Advice, advise, assess
 from .batch_scaling import beta_for_halflife, effective_batch_size, halflife_tokens, scale_betas
 from .noise_scale import NoiseScaleEstimator
-from .optimizer import AccumOptimizer
+from .optimizer import AccumOptimizer, ddp_comm_hook
 from .sgd import SGD
 from .scaling import LossScaler
 
@@ -31,6 +31,7 @@ __all__ = [
     "Adam",
     "SGD",
     "AccumOptimizer",
+    "ddp_comm_hook",
     "LossScaler",
     "effective_batch_size",
     "scale_betas",

@@ -92,7 +92,7 @@ class Adam(AccumOptimizer):
                   grads: List[Tensor], steps: List[int]) -> AdamSegments:
         pick = lambda name: [views[name][i] for i in idx] if name in views else None  # noqa: E731
         return AdamSegments(
-            params=[bucket.params[i] for i in idx], grads=grads, exp_avgs=pick("exp_avg"),
+            params=[bucket.data(i) for i in idx], grads=grads, exp_avgs=pick("exp_avg"),
             exp_avg_sqs=pick("exp_avg_sq"), max_exp_avg_sqs=pick("max_exp_avg_sq"), masters=pick("master_param"),
             steps=steps,
         )

@@ -22,7 +22,7 @@ so autograd never adds into a stale segment.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -30,6 +30,35 @@ from torch import Tensor
 from .backends import Backend
 
 ALIGN = 16  # elements; 16 fp32 = 64 bytes = one cache line / one AVX-512 register
+
+try:  # DTensor: the parameters (and gradients) of FSDP2's fully_shard
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
+
+
+def is_sharded(t: Optional[Tensor]) -> bool:
+    """Whether ``t`` is a DTensor (a shard of a parameter or gradient under FSDP2)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor that holds this rank's elements: the local shard of a DTensor, else ``t``.
+
+    Looked up on every use, never cached: FSDP2 may give a parameter a new local tensor
+    (its lazy init pads uneven shards into fresh storage).
+    """
+    return t._local_tensor if is_sharded(t) else t
+
+
+def like(p: Tensor, local_view: Tensor) -> Tensor:
+    """``local_view`` as what belongs next to ``p``: a DTensor with ``p``'s sharding for a
+    sharded ``p`` (sharing ``local_view``'s memory), else ``local_view`` itself."""
+    if not is_sharded(p):
+        return local_view
+    with torch.no_grad():
+        return DTensor.from_local(local_view, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
 
 
 def _round_up(n: int, k: int) -> int:
@@ -43,7 +72,10 @@ class Bucket:
         self.device = params[0].device
         self.dtype = params[0].dtype
         self.backend = backend
-        self.numels = [p.numel() for p in params]
+        # FSDP2: the buffer and the state hold this rank's shards only
+        self.sharded = is_sharded(params[0])
+        self.shapes = [local(p).shape for p in params]
+        self.numels = [local(p).numel() for p in params]
         self.offsets: List[int] = []
         total = 0
         for n in self.numels:
@@ -69,6 +101,10 @@ class Bucket:
         #   garbage[i]: the segment is stale and may hold non-zero values
         self.fresh = [False] * len(params)
         self.garbage = [False] * len(params)
+        # DDP (bf16/fp16): segments all-reduced by the communication hook in this window, and
+        # parameters whose p.grad DDP is about to overwrite with the (zero) bucket it reduced.
+        self.reduced = [False] * len(params)
+        self.ddp_wrote = [False] * len(params)
         self.flat_state: Dict[str, Tensor] = {}
         self.state_views: Dict[str, List[Tensor]] = {}
         # step counts per parameter, float32 like torch.optim; state[p]["step"] are views.
@@ -79,7 +115,15 @@ class Bucket:
         return self.dtype in (torch.bfloat16, torch.float16)
 
     def views(self, flat: Tensor) -> List[Tensor]:
-        return [flat[o : o + n].view(p.shape) for o, n, p in zip(self.offsets, self.numels, self.params)]
+        return [flat[o : o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes)]
+
+    def data(self, i: int) -> Tensor:
+        """The tensor the kernels update for parameter ``i`` (its local shard under FSDP2)."""
+        return local(self.params[i])
+
+    def wrapped(self, i: int, view: Tensor) -> Tensor:
+        """A state or gradient view of parameter ``i`` as the user sees it (a DTensor under FSDP2)."""
+        return like(self.params[i], view)
 
     def allocate_state(self, name: str, dtype: torch.dtype) -> List[Tensor]:
         """Per-parameter views of the flat state tensor ``name``, allocated (zeroed) on first use."""
@@ -98,7 +142,7 @@ class Bucket:
 
     def assign(self, i: int, grad: Tensor) -> None:
         """Make segment ``i`` exactly ``grad`` (a p.grad that is the whole gradient)."""
-        self.grad_views[i].copy_(grad.reshape(self.grad_views[i].shape))
+        self.grad_views[i].copy_(local(grad).reshape(self.grad_views[i].shape))
         self._mark_fresh(i)
 
     def zero_segment(self, i: int) -> None:
@@ -113,6 +157,7 @@ class Bucket:
 
     def consume(self, i: int) -> None:
         """Segment ``i`` was used (or dropped): its values are now logically zero."""
+        self.reduced[i] = False
         if self.fresh[i]:
             self.fresh[i] = False
             self.garbage[i] = True
@@ -139,10 +184,10 @@ class Bucket:
         p = self.params[i]
         existing = p.grad
         if self.low_precision:
-            p.main_grad = self.grad_views[i]
+            p.main_grad = self.wrapped(i, self.grad_views[i])
         if existing is not None:
             self.assign(i, existing)
-            p.grad = None if self.low_precision else self.grad_views[i]
+            p.grad = None if self.low_precision else self.wrapped(i, self.grad_views[i])
         # Otherwise an fp32 p.grad stays None until the parameter's first gradient, which
         # the hook moves into the view: a parameter that never gets a gradient keeps
         # p.grad None, as with torch.optim (code that tests `p.grad is None` still works).
@@ -158,17 +203,18 @@ class Bucket:
         p = self.params[i]
         g = p.grad
         if self.low_precision:
-            self.receive(i, g)  # add into a fresh segment, overwrite a stale one
+            self.receive(i, local(g))  # add into a fresh segment, overwrite a stale one
             p.grad = None  # the bf16/fp16 gradient never outlives this hook
+            self.ddp_wrote[i] = False
         elif add_to_fresh and self.fresh[i] and not self.owns_grad(i, g):
-            self.receive(i, g)
-            p.grad = self.grad_views[i]
+            self.receive(i, local(g))
+            p.grad = self.wrapped(i, self.grad_views[i])
         elif not self.owns_grad(i, g):
             # p.grad was None (the first micro-batch of a window, or model.zero_grad()) or
             # replaced: autograd handed over the whole gradient, so it replaces the segment
             # (a copy, where accumulating into a zeroed buffer would be an add).
             self.assign(i, g)
-            p.grad = self.grad_views[i]
+            p.grad = self.wrapped(i, self.grad_views[i])
         # (an fp32 gradient autograd added into our view needs no bookkeeping: the view is
         # attached only while its segment is fresh, hence live)
 
@@ -197,9 +243,14 @@ class Bucket:
                     self.live[i] = False
                 elif not self.fresh[i]:
                     self.live[i] = False
+            elif self.low_precision and self.ddp_wrote[i]:
+                # DDP copied the bucket our communication hook handed back (zeros: the
+                # gradient is in the buffer, reduced in fp32) into p.grad: not a user's gradient
+                p.grad = None
+                self.ddp_wrote[i] = False
             elif not self.owns_grad(i, g):
                 self.assign(i, g)
-                p.grad = None if self.low_precision else self.grad_views[i]
+                p.grad = None if self.low_precision else self.wrapped(i, self.grad_views[i])
                 changed = True
         return changed
 
@@ -212,7 +263,7 @@ class Bucket:
                 p.grad = None
             elif self.live[i] or p.grad is not None:
                 self.zero_segment(i)
-                p.grad = None if self.low_precision else self.grad_views[i]
+                p.grad = None if self.low_precision else self.wrapped(i, self.grad_views[i])
 
     def consume_all(self) -> None:
         """The window's gradients are used: segments go stale, fp32 views are detached so
@@ -238,7 +289,7 @@ class Bucket:
         for i, p in enumerate(self.params):
             # the restored partial gradients are what p.grad shows; nothing else is attached
             if self.fresh[i] and not self.low_precision:
-                p.grad = self.grad_views[i]
+                p.grad = self.wrapped(i, self.grad_views[i])
             elif p.grad is not None and self.owns_grad(i, p.grad):
                 p.grad = None
 
@@ -255,7 +306,7 @@ class Bucket:
                                  f"elements for this bucket, got {getattr(buf, 'shape', type(buf).__name__)}")
             if not buf.is_floating_point():
                 raise ValueError(f"the state_dict's accumulation buffer has dtype {buf.dtype}; expected {self.grad_dtype}")
-        elif any(fresh) and self.grad is not None:
+        elif any(fresh) and self.grad is not None and not self.sharded:  # FSDP2 saves accum_grad per parameter
             raise ValueError("the state_dict marks gradients as accumulated but carries no accumulation buffer")
 
     def detach_from_params(self, idx: Optional[Sequence[int]] = None) -> None:
@@ -280,14 +331,59 @@ class Bucket:
         view = self.grad_views[i]
         if grad is view:  # the common case: autograd accumulated into the very tensor we attached
             return True
+        grad = local(grad) if grad is not None else None
         return (
             grad is not None
             and grad.layout == torch.strided
             and grad.device == view.device
+            and grad.numel() > 0  # empty tensors (an FSDP2 rank's empty shard) all have data_ptr 0
             and grad.data_ptr() == view.data_ptr()
             and grad.shape == view.shape
         )
 
+    # ------------------------------------------------------------ DDP (bf16/fp16 parameters)
+    def span_for_reduce(self, idx: Sequence[int]) -> Tuple[Tensor, Optional[Callable[[Tensor], None]]]:
+        """The fp32 gradients of parameters ``idx`` as one tensor to all-reduce in place, and
+        the copy-back to run on the result (None when the tensor is the buffer itself).
+
+        DDP buckets follow the parameters (reversed), so ``idx`` is normally one run of
+        neighbouring segments: the slice of the buffer that spans it is reduced with no copy
+        (the alignment padding between segments is zero on every rank). Otherwise the
+        segments are gathered. Stale segments are zeroed first (a rank that got no gradient
+        for a parameter contributes zeros), and afterwards every segment holds the reduced
+        gradient: fresh, so that later gradients add to it. Whether the parameter is *live*
+        (had a gradient on some rank) is decided at step time, across ranks.
+        """
+        idx = sorted(idx)
+        self.clean([i for i in idx if not self.fresh[i]])
+        for i in idx:
+            self.fresh[i] = True
+            self.garbage[i] = False
+            self.reduced[i] = True
+            self.ddp_wrote[i] = True
+        lo, hi = idx[0], idx[-1]
+        if hi - lo + 1 == len(idx):
+            end = self.offsets[hi] + _round_up(max(self.numels[hi], 1), ALIGN)
+            return self.grad[self.offsets[lo] : end], None
+        views = [self.grad_views[i].view(-1) for i in idx]
+        gathered = torch.cat(views)
+
+        def copy_back(reduced: Tensor) -> None:
+            for v, r in zip(views, torch.split(reduced, [v.numel() for v in views])):
+                v.copy_(r)
+
+        return gathered, copy_back
+
+    def reduced_indices(self) -> List[int]:
+        return [i for i, r in enumerate(self.reduced) if r]
+
+    def set_live(self, idx: Sequence[int], live: Sequence[bool]) -> None:
+        """Liveness across ranks: a reduced segment is live when some rank had a gradient."""
+        for i, is_live in zip(idx, live):
+            self.live[i] = bool(is_live)
+
     def layout(self) -> list:
         """What a saved accumulation buffer must match to be loaded into this bucket."""
-        return [self.group_index, str(self.dtype), list(self.numels)]
+        # whole-parameter sizes: under FSDP2 every rank checks the same layout (its shard
+        # sizes differ from the other ranks')
+        return [self.group_index, str(self.dtype), [p.numel() for p in self.params]]

@@ -23,13 +23,13 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend, resolve_backend
-from .buffers import Bucket
+from .buffers import Bucket, is_sharded, local
 from .checks import as_float, check_scalar_tensor
 from .resident import ResidentStep
 from .scaling import LossScaler, LossScaleArg
-from .window import AccumulationWindow
+from .window import AccumulationWindow, dist_world
 
-__all__ = ["AccumOptimizer"]
+__all__ = ["AccumOptimizer", "ddp_comm_hook"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _STATE_FORMAT_VERSION = 1
@@ -43,25 +43,6 @@ _SKIP_WARN_AFTER = 10
 # torch.utils.swap_tensors (model.to(...) with swapping). An id cannot be reused while its
 # optimizer lives (it holds the parameter); dead entries are dropped by _release.
 _OWNERS: Dict[int, "weakref.ref[AccumOptimizer]"] = {}
-
-
-def _check_param_kind(p: Tensor) -> None:
-    """Refuse parameter kinds fastaccum's buffers cannot hold, at construction, with the fix.
-
-    One function on purpose: sharded (DTensor) parameters are refused here and only here.
-    """
-    if p.is_meta:
-        raise ValueError(f"a parameter of shape {tuple(p.shape)} is on the meta device (it has no data): "
-                         "materialise the model (e.g. model.to_empty(device=...) and initialise it) before "
-                         "creating the optimizer")
-    if torch.distributed.is_available():
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # older torch without the public DTensor module
-            DTensor = None
-        if DTensor is not None and isinstance(p, DTensor):
-            raise TypeError(f"fastaccum does not support FSDP/DTensor-sharded parameters yet (got a DTensor "
-                            f"parameter of shape {tuple(p.shape)}); use torch.optim for sharded models")
 
 
 class AccumOptimizer(torch.optim.Optimizer):
@@ -143,7 +124,9 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._unhooked: List[Tuple[int, int]] = []  # parameters frozen at construction: hooked once unfrozen
         self._taken_over = False  # a newer fastaccum optimizer took (some of) our parameters
         self._consecutive_skips = 0
-        self._norm_cache: Optional[float] = None  # raw buffer norm, valid until new gradients arrive
+        # squared raw norms (replicated, sharded) of the buffers, valid until new gradients arrive
+        self._norm_cache: Optional[Tuple[float, float]] = None
+        self._ddp_hooked = False  # ddp_comm_hook has run: DDP reduces our fp32 buffers
         # registered before any hook: a constructor that fails, or an optimizer that is
         # dropped, removes its hooks and lets go of its buffers (p.main_grad)
         weakref.finalize(self, _release, self._hook_handles, self._buckets)
@@ -160,7 +143,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         backends = {b.backend for b in self._buckets}
         devices = {b.device for b in self._buckets}
         if (self.step_in_backward or len(backends) != 1 or len(devices) != 1
-                or not all(b.backend.device_resident for b in self._buckets)):
+                or not all(b.backend.device_resident and not b.sharded for b in self._buckets)):
             return
         backend, device = backends.pop(), devices.pop()
         self._resident = ResidentStep(backend.bucket, device)
@@ -237,10 +220,11 @@ class AccumOptimizer(torch.optim.Optimizer):
         by_key: Dict[Tuple[torch.device, torch.dtype, bool], List[Tensor]] = {}
         for p in self.param_groups[-1]["params"]:
             # bucket kernels write parameters in element order: a non-contiguous parameter
-            # (channels_last, a transposed view) goes to a bucket of the torch backend
+            # (channels_last, a transposed view) goes to a bucket of the torch backend; FSDP2's
+            # shards get buckets of their own
             dense = p.is_contiguous() or not backends[p.device].device_resident
-            by_key.setdefault((p.device, p.dtype, dense), []).append(p)
-        for (device, dtype, dense), ps in by_key.items():
+            by_key.setdefault((p.device, p.dtype, dense, is_sharded(p)), []).append(p)
+        for (device, dtype, dense, _), ps in by_key.items():
             if dtype == torch.float64:
                 backend = backends[torch.float64]
             else:
@@ -257,6 +241,12 @@ class AccumOptimizer(torch.optim.Optimizer):
             self._take_over(p)
             self._hook(bi, i)
             bucket.adopt(i)
+        if bucket.sharded and not self.step_in_backward:
+            # FSDP2: the state exists from the start (step 0, zero moments), so that a fresh
+            # optimizer's state_dict has every entry a checkpoint has. torch.distributed.checkpoint
+            # loads *into* that state_dict, and its helpers would otherwise run a fake step()
+            # to create it, which inside an accumulation window counts a micro-batch.
+            self._prepare_state(bucket, [i for i, p in enumerate(bucket.params) if p.requires_grad], updating=False)
 
     def _hook(self, bi: int, i: int) -> None:
         """Register parameter i of bucket bi's hook (a frozen parameter is hooked once it is unfrozen)."""
@@ -324,7 +314,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._check_grad(bucket, p, g)
         if self.step_in_backward:
             # the gradient is used once, here, and released: none outlives its backward
-            g32 = g.to(bucket.grad_dtype, memory_format=torch.contiguous_format).view(p.shape)
+            g32 = local(g).to(bucket.grad_dtype, memory_format=torch.contiguous_format).view(bucket.shapes[i])
             with torch.no_grad():
                 self._update_bucket(bucket, [i], self._window.unclipped_multiplier(), grads=[g32])
             bucket.release(i)
@@ -435,6 +425,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             raise RuntimeError("clip_grad_norm_ cannot work with step_in_backward=True: parameters are already "
                                "updated during backward")
         self._fold_grads()
+        self._check_replicas()
         if self._resident is not None:
             self._resident.plan(self._buckets)
             partials = self._resident.sumsq()
@@ -442,7 +433,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             if partials is None:
                 return torch.zeros((), dtype=torch.float32, device=self._resident.device)
             return self._window.device_grad_norm(partials)
-        total = self._window.grad_norm(self._raw_norm, self._any_low_precision())
+        total = self._window.grad_norm(self._raw_norm)
         self._window.clip_request = max_norm
         device = self._buckets[0].device if self._buckets else torch.device("cpu")
         return torch.tensor(total, dtype=torch.float32, device=device)
@@ -497,20 +488,70 @@ class AccumOptimizer(torch.optim.Optimizer):
     def _any_low_precision(self) -> bool:
         return any(b.low_precision for b in self._buckets)
 
-    def _raw_norm(self) -> float:
-        """L2 norm of all raw buffers (one read pass); non-finite when any element is."""
+    def _raw_norm(self) -> Tuple[float, float]:
+        """Squared L2 norms of the raw buffers (one read pass): (replicated, sharded).
+
+        The sharded part (FSDP2's local shards) is summed across ranks by the window; both
+        are non-finite when any element is.
+        """
         if self._norm_cache is None:
             for b in self._buckets:  # stale segments count as zeros
                 b.clean()
-            norms = [b.backend.grad_norm(b.grad) for b in self._buckets]
-            if not norms:
-                self._norm_cache = 0.0
-            elif len(norms) == 1:
-                self._norm_cache = float(norms[0].item())
-            else:
-                dev = norms[0].device
-                self._norm_cache = float(torch.linalg.vector_norm(torch.stack([n.to(dev) for n in norms])).item())
+            norms = [(b.sharded, b.backend.grad_norm(b.grad)) for b in self._buckets]
+            sq = [0.0, 0.0]
+            for sharded, n in norms:  # one host sync per bucket, as before
+                sq[sharded] += float(n.item()) ** 2
+            self._norm_cache = (sq[0], sq[1])
         return self._norm_cache
+
+    def _check_replicas(self) -> None:
+        """bf16/fp16 replicas under DDP need our communication hook, or DDP reduces nothing."""
+        if self._ddp_hooked or dist_world() is None:
+            return
+        if any(b.low_precision and not b.sharded for b in self._buckets):
+            raise RuntimeError(
+                "fastaccum: bf16/fp16 parameters under torch.distributed accumulate into fp32 buffers that DDP does "
+                "not see, so it would average nothing and the replicas would drift apart. Register fastaccum's "
+                "communication hook, which all-reduces those buffers in fp32 while backward runs: "
+                "ddp_model.register_comm_hook(opt, fastaccum.ddp_comm_hook) (or keep fp32 parameters and use "
+                "torch.autocast, or shard them with FSDP2's fully_shard)"
+            )
+
+    def _ddp_reduce(self, gb: Any) -> "torch.futures.Future":
+        """DDP communication hook body (see :func:`ddp_comm_hook`)."""
+        self._ddp_hooked = True
+        buffer = gb.buffer()
+        if self.accumulation_steps > 1 and not self._window.sync_gradients:
+            # inside a managed window: nothing to reduce yet (DDP's bucket holds either
+            # local fp32 views, copied back unchanged, or zeros of released bf16 gradients)
+            done = torch.futures.Future()
+            done.set_result(buffer)
+            return done
+        ours: Dict[int, List[int]] = {}
+        others = False  # fp32 parameters, or parameters this optimizer does not own
+        for p in gb.parameters():
+            where = self._where.get(p)
+            if where is None or not self._buckets[where[0]].low_precision:
+                others = True
+            else:
+                ours.setdefault(where[0], []).append(where[1])
+        futures = []
+        copy_backs = []
+        for bi, idx in ours.items():
+            tensor, copy_back = self._buckets[bi].span_for_reduce(idx)
+            futures.append(self._window.mean_across_ranks_async(tensor))
+            if copy_back is not None:
+                copy_backs.append((copy_back, tensor))
+        if others:  # DDP's own bucket, reduced as DDP would (the bf16 parts hold zeros)
+            futures.append(self._window.mean_across_ranks_async(buffer))
+        self._norm_cache = None
+
+        def finish(_: Any) -> Tensor:
+            for copy_back, tensor in copy_backs:
+                copy_back(tensor)
+            return buffer
+
+        return torch.futures.collect_all(futures).then(finish)
 
     def _check_groups(self) -> None:
         for group in self.param_groups:
@@ -523,17 +564,26 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     def _update(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         self._check_groups()  # a NaN lr set by hand is refused before anything changes
+        self._check_replicas()
         self._fold_grads()
         if self._resident is not None:
             self._update_on_device(grad_scale, found_inf)
             return
+        # DDP with bf16/fp16 parameters: a reduced parameter is live when any rank had a
+        # gradient for it (as DDP leaves .grad None only for parameters unused everywhere)
+        reduced = [(b, b.reduced_indices()) for b in self._buckets] if self._ddp_hooked else []
+        live = [b.live[i] for b, idx in reduced for i in idx] if self._ddp_hooked else None
         multiplier = self._window.grad_multiplier(
             self._raw_norm,
             grad_scaler_scale=as_float("grad_scale", grad_scale) if grad_scale is not None else None,
             found_inf=found_inf is not None and as_float("found_inf", found_inf) > 0,
             max_grad_norm=self.max_grad_norm,
-            warn_low_precision=self._any_low_precision(),
+            live=live,
         )
+        pos = 0
+        for b, idx in reduced:
+            b.set_live(idx, live[pos : pos + len(idx)])
+            pos += len(idx)
         if multiplier is None:
             self._skip()
             return
@@ -630,22 +680,27 @@ class AccumOptimizer(torch.optim.Optimizer):
         """(state key, dtype) of the flat state this optimizer keeps, besides 'step'."""
         raise NotImplementedError
 
-    def _prepare_state(self, bucket: Bucket, idx: Sequence[int]) -> Dict[str, List[Tensor]]:
-        """Flat state for the bucket (allocated once) and per-parameter state views."""
+    def _prepare_state(self, bucket: Bucket, idx: Sequence[int], updating: bool = True) -> Dict[str, List[Tensor]]:
+        """Flat state for the bucket (allocated once) and per-parameter state views;
+        ``updating``: the parameters are about to be updated (not just given state)."""
         group = self.param_groups[bucket.group_index]
         spec = self._bucket_spec(bucket, group)
         views = {name: bucket.allocate_state(name, dtype) for name, dtype in spec.items()}
         for i in idx:
             p = bucket.params[i]
             st = self.state[p]
-            if not st:
+            fresh_state = not st
+            if fresh_state:
                 st["step"] = bucket.steps[i]
                 for name in spec:
-                    st[name] = views[name][i]
-                if "master_param" in views:
-                    # the master starts from the parameter as it is at its first update, so
-                    # weights loaded after the optimizer was built are picked up
-                    views["master_param"][i].copy_(p.detach())
+                    st[name] = bucket.wrapped(i, views[name][i])  # a DTensor under FSDP2, as torch's
+            if "master_param" in views and (
+                fresh_state or (updating and bucket.sharded and float(bucket.steps[i]) == 0)
+            ):
+                # the master starts from the parameter as it is at its first update, so
+                # weights loaded after the optimizer was built are picked up (FSDP2's state
+                # exists from construction: its first update copies again)
+                views["master_param"][i].copy_(bucket.data(i).detach())
         return views
 
     def _bucket_spec(self, bucket: Bucket, group: Dict[str, Any]) -> Dict[str, torch.dtype]:
@@ -703,18 +758,42 @@ class AccumOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
-        sd["fastaccum"] = {
+        extra = {
             "version": _STATE_FORMAT_VERSION,
             "layout": [b.layout() for b in self._buckets],
             # only mid-window buffers hold gradients; a checkpoint taken after a step (the
             # usual case) does not carry 4 bytes/param of stale values
-            "grad_buffers": [b.grad if any(b.fresh) else None for b in self._buckets],
+            "grad_buffers": [b.grad if any(b.fresh) and not b.sharded else None for b in self._buckets],
             "live": [list(b.live) for b in self._buckets],
             "fresh": [list(b.fresh) for b in self._buckets],
             **self._window.state_dict(),
             "skipped_steps": self.skipped_steps,
             "loss_scaler": self._scaler.state_dict() if self._scaler is not None else None,
         }
+        sharded = [b for b in self._buckets if b.sharded and b.grad is not None]
+        if not sharded:
+            sd["fastaccum"] = extra
+            return sd
+        # FSDP2. torch.distributed.checkpoint's helpers keep only "state" and "param_groups",
+        # save a plain tensor once (from one rank) and load into a state_dict of the same
+        # structure. So: every parameter's shard of the accumulation buffer is a state entry
+        # (a DTensor, always present), the window goes into the first param group, and this
+        # rank's weight sum becomes its element of a DTensor sharded over the ranks.
+        mesh = sharded[0].params[0].device_mesh
+        extra["weight_sum"] = _from_local(torch.tensor([self._window.weight_sum], dtype=torch.float64), mesh)
+        for name in ("live", "fresh"):  # per rank too: a rank whose shard of a parameter is empty differs
+            flags = [x for b in self._buckets for x in getattr(b, name)]
+            extra[name] = _from_local(torch.tensor([flags], dtype=torch.uint8).reshape(1, len(flags)), mesh)
+        if len(self._buckets) != len(sharded):
+            _mid_window_unsaved(self, "parameters that are not sharded by FSDP2")
+        elif self._window.micro_step and not any(any(b.fresh) for b in sharded):
+            _mid_window_unsaved(self, "FSDP2's unsharded gradients (set_requires_gradient_sync(False))")
+        index = {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for b in sharded:
+            for i, p in enumerate(b.params):
+                if id(p) in index and index[id(p)] in sd["state"]:
+                    sd["state"][index[id(p)]]["accum_grad"] = b.wrapped(i, b.grad_views[i])
+        sd["param_groups"][0] = {**sd["param_groups"][0], "fastaccum": extra}
         return sd
 
     # Hyper-parameters every checkpoint of this algorithm has (older torch versions included);
@@ -753,12 +832,14 @@ class AccumOptimizer(torch.optim.Optimizer):
             for name, dtype in spec.items():
                 view = bucket.allocate_state(name, dtype)[i]
                 if name in tensors:
-                    view.copy_(tensors[name].reshape(view.shape))
+                    view.copy_(local(tensors[name]).reshape(view.shape))
                 elif name == "master_param":
-                    view.copy_(p.detach())
+                    view.copy_(bucket.data(i).detach())
                 else:
                     view.zero_()
-                state[name] = view
+                state[name] = bucket.wrapped(i, view)
+            if "accum_grad" in tensors and bucket.grad is not None:  # FSDP2: this rank's shard of the buffer
+                bucket.grad_views[i].copy_(tensors["accum_grad"].reshape(bucket.grad_views[i].shape))
         if extra is not None:
             for b, buf, live, fresh in zip(self._buckets, extra["grad_buffers"], extra["live"], extra["fresh"]):
                 b.restore(buf, live, fresh)
@@ -780,6 +861,9 @@ class AccumOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups' entries")
         saved_groups = copy.deepcopy(state_dict["param_groups"])
+        extra = state_dict.get("fastaccum")
+        for g in saved_groups:  # an FSDP2 checkpoint keeps it in the first param group
+            extra = g.pop("fastaccum", None) or extra
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, this optimizer has "
                              f"{len(self.param_groups)}: it was saved for another parameter layout")
@@ -817,7 +901,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             for name, v in st.items():
                 if name == "step" or v is None:
                     continue  # torch.optim.SGD keeps momentum_buffer=None for momentum 0
-                if name not in spec:
+                if name not in spec and name != "accum_grad":  # accum_grad: FSDP2's shard of the buffer
                     raise ValueError(f"state_dict has state {name!r} for parameter {key!r}, which "
                                      f"{type(self).__name__} with these hyper-parameters does not keep (it keeps "
                                      f"{sorted(spec)}): it was saved by another kind of optimizer")
@@ -829,6 +913,7 @@ class AccumOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"state {name!r} of parameter {key!r} has dtype {v.dtype}; expected floating point")
                 if v.device.type == "meta":
                     raise ValueError(f"state {name!r} of parameter {key!r} is on the meta device (it has no data)")
+                v = local(v)  # FSDP2: this rank's shard
                 tensors[name] = v.detach().clone() if _storage_key(v) in own else v.detach()
             if "step" in st:
                 try:
@@ -842,10 +927,20 @@ class AccumOptimizer(torch.optim.Optimizer):
                 # step was taken, so the next one must not restart the momentum from the gradient
                 step = 1.0 if tensors else 0.0
             placed[p] = (step, tensors)
-        extra = state_dict.get("fastaccum")
         if extra is not None:
-            extra = self._validate_extra(extra, own)
+            extra = self._validate_extra(self._local_extra(extra), own)
         return groups, placed, extra
+
+    def _local_extra(self, extra: Any) -> Any:
+        """An FSDP2 checkpoint keeps per-rank values as DTensors (one element per rank): this rank's."""
+        if not isinstance(extra, dict) or not isinstance(extra.get("weight_sum"), Tensor):
+            return extra
+        flags = {}
+        for name in ("live", "fresh"):
+            values = [bool(x) for x in local(extra[name]).reshape(-1).tolist()]
+            flags[name] = [values[sum(len(b.params) for b in self._buckets[:k]):][: len(b.params)]
+                           for k, b in enumerate(self._buckets)]
+        return {**extra, **flags, "weight_sum": float(local(extra["weight_sum"]).reshape(-1)[0])}
 
     def _validate_extra(self, extra: Any, own: set) -> Dict[str, Any]:
         if not isinstance(extra, dict):
@@ -921,6 +1016,66 @@ class AccumOptimizer(torch.optim.Optimizer):
                 self._hook(bi, i)
                 bucket.adopt(i)
             bucket.restore(None, bucket.live, bucket.fresh)
+
+
+def _from_local(t: Tensor, mesh: Any) -> Tensor:
+    """``t`` as this rank's shard of a DTensor over ``mesh`` (one element per rank)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor.from_local(t, mesh, [Shard(0)], run_check=False)
+
+
+def _mid_window_unsaved(opt: "AccumOptimizer", where: str) -> None:
+    if opt._window.micro_step:
+        warnings.warn(
+            f"fastaccum: state_dict() inside an accumulation window (micro-batch {opt._window.micro_step} of "
+            f"{opt.accumulation_steps}) does not hold the gradients kept in {where}; a run resumed from it "
+            "would lose them. Checkpoint when opt.micro_step == 0, or let FSDP2 reduce-scatter every "
+            "micro-batch (the partial sums then live in fastaccum's sharded buffers)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _check_param_kind(p: Tensor) -> None:
+    """Parameters fastaccum can own: plain tensors (one device, DDP replicas) and FSDP2's
+    shards (a DTensor sharded on a 1-D mesh over all ranks). Other DTensor layouts (tensor
+    parallel, HSDP's 2-D mesh, replicated or partial placements) would need the norm and the
+    skip decision reduced over other groups: refused here, before anything is registered.
+    One function on purpose: the kinds of parameter fastaccum takes are decided here only."""
+    if p.is_meta:
+        raise ValueError(f"a parameter of shape {tuple(p.shape)} is on the meta device (it has no data): "
+                         "materialise the model (e.g. model.to_empty(device=...) and initialise it) before "
+                         "creating the optimizer")
+    if not is_sharded(p):
+        return
+    mesh, placements = p.device_mesh, p.placements
+    fsdp_like = (
+        mesh.ndim == 1 and len(placements) == 1 and placements[0].is_shard()
+        and torch.distributed.is_initialized() and mesh.size() == torch.distributed.get_world_size()
+    )
+    if not fsdp_like:
+        raise ValueError(
+            f"fastaccum supports DTensor parameters sharded by FSDP2 (fully_shard on a 1-D mesh over all ranks); "
+            f"got a parameter of shape {tuple(p.shape)} with placements {tuple(placements)} on a mesh of shape "
+            f"{tuple(mesh.shape)}. Tensor parallel, HSDP and other layouts are not supported yet: use "
+            "torch.optim for them, or fully_shard over a 1-D mesh of all ranks"
+        )
+
+
+def ddp_comm_hook(state, bucket):  # no annotations: DDP checks them against dist.GradBucket
+    """DDP communication hook that all-reduces fastaccum's fp32 buffers, once per window.
+
+    ``ddp_model.register_comm_hook(opt, fastaccum.ddp_comm_hook)``: DDP calls it for each
+    bucket as soon as backward has produced the bucket's gradients (so communication still
+    overlaps backward). For the bf16/fp16 parameters ``opt`` owns, the fp32 accumulation
+    buffer (already holding this micro-batch's gradient) is averaged across ranks in fp32 —
+    never a bf16 gradient; other parameters in the bucket (fp32, or not owned by ``opt``)
+    are averaged in DDP's bucket as DDP does by default. Inside a managed window
+    (``accumulation_steps > 1``) nothing is sent until the window's last micro-batch,
+    ``no_sync()`` or not. The default process group is used (that of DDP by default).
+    """
+    return state._ddp_reduce(bucket)
 
 
 def _make_hook(ref: "weakref.ref[AccumOptimizer]", bi: int, i: int) -> Callable[[Tensor], None]:

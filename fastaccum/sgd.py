@@ -71,7 +71,7 @@ class SGD(AccumOptimizer):
     def _segments(self, bucket: Bucket, idx: Sequence[int], views: Dict[str, List[Tensor]],
                   grads: List[Tensor], steps: List[int]) -> SGDSegments:
         return SGDSegments(
-            params=[bucket.params[i] for i in idx],
+            params=[bucket.data(i) for i in idx],
             grads=grads,
             momentum_buffers=[views["momentum_buffer"][i] for i in idx] if "momentum_buffer" in views else None,
             masters=[views["master_param"][i] for i in idx] if "master_param" in views else None,

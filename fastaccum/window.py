@@ -19,8 +19,7 @@ tensors and the cross-rank all-reduce then stay on the device too.
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -59,7 +58,6 @@ class AccumulationWindow:
         # weight sum is all-reduced, so there the unit stays 1 on every rank.
         self.weight_ref: Optional[float] = None
         self.clip_request: Optional[float] = None  # max_norm from clip_grad_norm_ for this window
-        self._warned_low_precision_ddp = False
         # device-resident: the kernels module, its window-state tensor, the weights passed as
         # device tensors this window (summed on the device) and a flag for invalid ones
         self.kernels: Any = None
@@ -160,70 +158,92 @@ class AccumulationWindow:
         scale, divisor = self.scale_and_divisor()
         return 1.0 / (scale * divisor)
 
-    def grad_norm(self, raw_norm: Callable[[], float], warn_low_precision: bool = False) -> float:
-        """The norm of the gradient the update will use (unscaled, normalised), from the raw buffers' norm."""
+    def grad_norm(self, raw_norm: Callable[[], Tuple[float, float]]) -> float:
+        """The norm of the gradient the update will use (unscaled, normalised), from the raw buffers' norm.
+
+        ``raw_norm()`` gives the squared norms ``(replicated, sharded)`` of this rank's
+        buffers; the sharded part (FSDP2's local shards) is summed across ranks.
+        """
         scale, divisor = self.scale_and_divisor()
-        raw = raw_norm()
-        divisor, _ = self.reduce_across_ranks(divisor, not math.isfinite(raw), warn_low_precision)
-        return raw / (scale * divisor)
+        rep_sq, shard_sq = raw_norm()
+        divisor, _, shard_sq = self.reduce_across_ranks(divisor, not math.isfinite(rep_sq + shard_sq), shard_sq)
+        return math.sqrt(rep_sq + shard_sq) / (scale * divisor)
 
     def grad_multiplier(
         self,
-        raw_norm: Callable[[], float],
+        raw_norm: Callable[[], Tuple[float, float]],
         *,
         grad_scaler_scale: Optional[float],
         found_inf: bool,
         max_grad_norm: Optional[float],
-        warn_low_precision: bool = False,
+        live: Optional[List[bool]] = None,
     ) -> Optional[float]:
         """The update's one multiplier, or None when the step must be skipped (inf/nan).
 
-        ``raw_norm()`` (a read pass over the buffers) is called only when a loss scale or
-        clipping needs it; it is also the inf/nan check.
+        ``raw_norm()`` (a read pass over the buffers; squared norms of the replicated and of
+        the sharded buffers) is called only when a loss scale or clipping needs it; it is
+        also the inf/nan check. ``live`` (DDP with bf16/fp16 parameters: whether each
+        reduced parameter had a gradient on this rank) is replaced by its OR across ranks,
+        in the same all-reduce.
         """
         scale, divisor = self.scale_and_divisor()
         if grad_scaler_scale is not None:
             scale *= grad_scaler_scale
         max_norm = self.clip_request if self.clip_request is not None else max_grad_norm
         need_norm = self.scaler is not None or grad_scaler_scale is not None or max_norm is not None
-        raw = raw_norm() if need_norm else 0.0
-        divisor, nonfinite = self.reduce_across_ranks(divisor, found_inf or not math.isfinite(raw), warn_low_precision)
+        rep_sq, shard_sq = raw_norm() if need_norm else (0.0, 0.0)
+        divisor, nonfinite, shard_sq = self.reduce_across_ranks(
+            divisor, found_inf or not math.isfinite(rep_sq + shard_sq), shard_sq, live)
         if nonfinite:
             return None
         inv = 1.0 / (scale * divisor)
         coef = 1.0
         if max_norm is not None:
             # torch.nn.utils.clip_grad_norm_'s formula, on the unscaled, normalised norm
-            coef = min(1.0, max_norm / (raw * inv + 1e-6))
+            coef = min(1.0, max_norm / (math.sqrt(rep_sq + shard_sq) * inv + 1e-6))
         return inv * coef
 
-    def reduce_across_ranks(self, divisor: float, nonfinite: bool, warn_low_precision: bool = False) -> Tuple[float, bool]:
-        """One small all-reduce of (weight sum, found-inf) when torch.distributed runs.
+    def reduce_across_ranks(self, divisor: float, nonfinite: bool, sharded_sq: float = 0.0,
+                            live: Optional[List[bool]] = None) -> Tuple[float, bool, float]:
+        """One small all-reduce of (weight sum, found-inf, sharded squared norm[, live flags])
+        when torch.distributed runs.
 
-        DDP averages gradients over ranks, so the global token-weighted mean is
+        DDP and FSDP2 average gradients over ranks, so the global token-weighted mean is
         ``world_size * grad / sum_r(weights_r)``: exact even when ranks saw different token
-        counts. The found-inf flag is shared so that every rank skips together.
+        counts. The found-inf flag is shared so that every rank skips together; the squared
+        norms of the local shards add up to the global squared norm (clipping by the global
+        norm). float64, so token counts stay exact far beyond 2**24.
         """
         world = dist_world()
         if world is None:
-            return divisor, nonfinite
+            return divisor, nonfinite, sharded_sq
         size, backend = world
-        if warn_low_precision and not self._warned_low_precision_ddp:
-            # DDP reads p.grad after our hook has folded and released it, so it reduces
-            # zeros for these parameters: the replicas would silently drift apart.
-            warnings.warn(
-                "fastaccum: bf16/fp16 parameters are not averaged across ranks yet (their gradient "
-                "lives in the fp32 buffer, which DDP does not see); keep fp32 parameters under DDP "
-                "and use torch.autocast for bf16 compute",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            self._warned_low_precision_ddp = True
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        t = torch.tensor([divisor if self.weighted else 0.0, float(nonfinite)], dtype=torch.float32, device=device)
+        head = [divisor if self.weighted else 0.0, float(nonfinite), sharded_sq]
+        t = torch.tensor(head + [float(x) for x in (live or [])], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
-        weight_sum, any_nonfinite = t.tolist()
-        return (weight_sum / size if self.weighted else divisor), any_nonfinite > 0
+        values = t.tolist()
+        weight_sum, any_nonfinite, sharded_sq = values[:3]
+        if live is not None:
+            live[:] = [x > 0 for x in values[3:]]
+        return (weight_sum / size if self.weighted else divisor), any_nonfinite > 0, sharded_sq
+
+    @staticmethod
+    def mean_across_ranks_async(t: Tensor) -> "torch.futures.Future":
+        """All-reduce ``t`` in place to its mean over ranks, without waiting (DDP's overlap).
+
+        A mean, not a sum, like DDP's own reduction: reducing a buffer that already holds
+        the mean of earlier micro-batches (a loop without ``no_sync``) leaves that part
+        unchanged, so the result is right however often DDP syncs. NCCL averages in the
+        collective; other backends divide first (as DDP's default hook does).
+        """
+        dist = torch.distributed
+        if dist.get_backend() == "nccl":
+            work = dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
+        else:
+            t.div_(dist.get_world_size())
+            work = dist.all_reduce(t, async_op=True)
+        return work.get_future()
 
     # ----------------------------------------------------------------- on the device
     def _device_divisor(self) -> Union[float, Tensor]:
