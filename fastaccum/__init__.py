@@ -17,6 +17,7 @@ from .backends import (
     resolve_backend,
 )
 from .adam import Adam, AdamW
+from .buffers import GradView
 from .optimizer import AccumOptimizer
 from .sgd import SGD
 from .scaling import LossScaler
@@ -28,6 +29,7 @@ __all__ = [
     "Adam",
     "SGD",
     "AccumOptimizer",
+    "GradView",
     "LossScaler",
     "BackendUnavailableError",
     "available_backends",

@@ -257,7 +257,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             raise RuntimeError("clip_grad_norm_ cannot work with step_in_backward=True: parameters are already "
                                "updated during backward")
         self._fold_grads()
-        total = self._window.grad_norm(self._raw_norm, self._any_low_precision())
+        total = self._window.grad_norm(self._raw_norm, self._any_low_precision(), self._deferred_scale())
         self._window.clip_request = max_norm
         device = self._buckets[0].device if self._buckets else torch.device("cpu")
         return torch.tensor(total, dtype=torch.float32, device=device)
@@ -307,6 +307,19 @@ class AccumOptimizer(torch.optim.Optimizer):
     def _any_low_precision(self) -> bool:
         return any(b.low_precision for b in self._buckets)
 
+    def _deferred_scale(self) -> float:
+        """The factor trainers applied through bf16/fp16 ``p.grad`` views (``clip_grad_norm_``'s
+        ``g.mul_(coef)``) and that the buffers do not hold yet: one factor for the whole
+        gradient is folded into the update multiplier (no pass); differing factors (a
+        clip over some of the parameters only) are written into the buffers now."""
+        scales = {s for b in self._buckets for s in b.pending_scales()}
+        if len(scales) <= 1:
+            return scales.pop() if scales else 1.0
+        for b in self._buckets:
+            b.apply_scales()
+        self._norm_cache = None
+        return 1.0
+
     def _raw_norm(self) -> float:
         """L2 norm of all raw buffers (one read pass); non-finite when any element is."""
         if self._norm_cache is None:
@@ -335,6 +348,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             found_inf=found_inf is not None and as_float("found_inf", found_inf) > 0,
             max_grad_norm=self.max_grad_norm,
             warn_low_precision=self._any_low_precision(),
+            deferred_scale=self._deferred_scale(),
         )
         if multiplier is None:
             self._skip()
@@ -422,6 +436,9 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> Dict[str, Any]:
+        for b in self._buckets:  # a saved buffer holds the gradient as p.grad shows it
+            b.apply_scales()
+        self._norm_cache = None
         sd = super().state_dict()
         sd["fastaccum"] = {
             "version": _STATE_FORMAT_VERSION,

@@ -90,12 +90,13 @@ class AccumulationWindow:
         scale, divisor = self.scale_and_divisor()
         return 1.0 / (scale * divisor)
 
-    def grad_norm(self, raw_norm: Callable[[], float], warn_low_precision: bool = False) -> float:
+    def grad_norm(self, raw_norm: Callable[[], float], warn_low_precision: bool = False,
+                  deferred_scale: float = 1.0) -> float:
         """The norm of the gradient the update will use (unscaled, normalised), from the raw buffers' norm."""
         scale, divisor = self.scale_and_divisor()
         raw = raw_norm()
         divisor, _ = self.reduce_across_ranks(divisor, not math.isfinite(raw), warn_low_precision)
-        return raw / (scale * divisor)
+        return raw * deferred_scale / (scale * divisor)
 
     def grad_multiplier(
         self,
@@ -105,11 +106,14 @@ class AccumulationWindow:
         found_inf: bool,
         max_grad_norm: Optional[float],
         warn_low_precision: bool = False,
+        deferred_scale: float = 1.0,
     ) -> Optional[float]:
         """The update's one multiplier, or None when the step must be skipped (inf/nan).
 
         ``raw_norm()`` (a read pass over the buffers) is called only when a loss scale or
-        clipping needs it; it is also the inf/nan check.
+        clipping needs it; it is also the inf/nan check. ``deferred_scale`` (>= 0) is a factor
+        already applied to the gradient but not written into the buffers: a trainer's
+        ``clip_grad_norm_`` on bf16/fp16 ``p.grad`` views (see ``buffers.GradView``).
         """
         scale, divisor = self.scale_and_divisor()
         if grad_scaler_scale is not None:
@@ -120,7 +124,7 @@ class AccumulationWindow:
         divisor, nonfinite = self.reduce_across_ranks(divisor, found_inf or not math.isfinite(raw), warn_low_precision)
         if nonfinite:
             return None
-        inv = 1.0 / (scale * divisor)
+        inv = deferred_scale / (scale * divisor)
         coef = 1.0
         if max_norm is not None:
             # torch.nn.utils.clip_grad_norm_'s formula, on the unscaled, normalised norm
