@@ -94,6 +94,11 @@ class GradView(Tensor):
         self._materialize()
         return self._inner
 
+    def untyped_storage(self) -> Any:  # type: ignore[override]
+        # the memory behind this gradient is the fp32 buffer: memory accounting counts it
+        # once (data_ptr() still raises, so no kernel reads fp32 bytes as bf16 by mistake)
+        return self._inner.untyped_storage()
+
     def _materialize(self) -> None:
         bucket = self._bucket()
         if bucket is not None:
