@@ -19,6 +19,7 @@ from .backends import (
 from .adam import Adam, AdamW
 from .advice import Advice, advise, assess
 from .batch_scaling import beta_for_halflife, effective_batch_size, halflife_tokens, scale_betas
+from .buffers import GradView
 from .noise_scale import NoiseScaleEstimator
 from .optimizer import AccumOptimizer, ddp_comm_hook
 from .sgd import SGD
@@ -32,6 +33,7 @@ __all__ = [
     "SGD",
     "AccumOptimizer",
     "ddp_comm_hook",
+    "GradView",
     "LossScaler",
     "effective_batch_size",
     "scale_betas",

@@ -6,7 +6,10 @@ parameter owns a segment of every flat tensor; segments start on 64-byte boundar
 (16 fp32 elements) so kernels can use aligned vector loads.
 
 * ``grad``: the fp32 accumulation buffer. fp32 parameters get ``p.grad`` as a view of their
-  segment, so autograd accumulates in place; bf16/fp16 parameters get ``p.main_grad``.
+  segment, so autograd accumulates in place. bf16/fp16 parameters get ``p.main_grad`` (the
+  fp32 view) and, as ``p.grad``, a :class:`GradView`: a tensor that presents the parameter's
+  dtype (so torch accepts it as ``p.grad``) and holds the fp32 segment, so that trainers'
+  ``clip_grad_norm_`` and grad-norm logging see the true accumulated gradient.
 * ``exp_avg``/``exp_avg_sq``/... : flat state, allocated at the first step (as torch
   allocates state lazily), exposed per parameter as views in ``optimizer.state[p]``.
 
@@ -22,10 +25,13 @@ so autograd never adds into a stale segment.
 """
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .backends import Backend
 
@@ -65,8 +71,130 @@ def _round_up(n: int, k: int) -> int:
     return (n + k - 1) // k * k
 
 
+def _plain(p: Tensor) -> bool:
+    # Parameters that are tensor subclasses (DTensor shards, quantised weights) bring their
+    # own gradient types: they keep the release-in-the-hook protocol.
+    return type(p) in (Tensor, torch.nn.Parameter)
+
+
+class GradView(Tensor):
+    """``p.grad`` of a bf16/fp16 parameter: it presents the parameter's dtype and holds the
+    parameter's fp32 segment of the accumulation buffer (no low-precision copy exists).
+
+    Why a tensor subclass: every trainer clips and logs through
+    ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)``, which reads ``p.grad``; torch
+    refuses a ``p.grad`` whose dtype differs from the parameter's, and a released (``None``)
+    gradient makes the trainer see a norm of 0 and clip nothing. Through this view:
+
+    * autograd's accumulation into ``p.grad`` (``p.grad += new``, what AccumulateGrad does
+      from the second micro-batch on) is the backend's fused fold into the fp32 segment;
+    * ``torch.linalg.vector_norm`` (the norm ``clip_grad_norm_`` takes of a subclass
+      gradient) is computed on the fp32 segment, returned in fp32: the exact norm, one read
+      pass, as fastaccum's own clipping;
+    * a multiplication by a finite scalar >= 0 (the clip ``g.mul_(clip_coef)``) is recorded
+      in the bucket and folded into the update multiplier: no second pass over the buffer;
+    * anything else applies the recorded scale first and then runs on the fp32 segment
+      (results come back as plain fp32 tensors, in-place ops write the segment).
+    """
+
+    _inner: Tensor
+    _index: int
+    _bucket: Callable[[], Optional["Bucket"]]
+
+    # plain results stay plain: no re-wrapping of outputs by torch function handling
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, inner: Tensor, dtype: torch.dtype, bucket: Optional["Bucket"], index: int) -> "GradView":
+        self = Tensor._make_wrapper_subclass(
+            cls, inner.shape, strides=inner.stride(), dtype=dtype, device=inner.device, requires_grad=False
+        )
+        self._inner = inner
+        self._index = index
+        # weak: the bucket holds its parameters, whose .grad holds this view
+        self._bucket = weakref.ref(bucket) if bucket is not None else (lambda: None)
+        return self
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        return f"GradView(dtype={self.dtype}, fp32={self.fp32()!r})"
+
+    def fp32(self) -> Tensor:
+        """The fp32 gradient (any recorded scale applied)."""
+        self._materialize()
+        return self._inner
+
+    def untyped_storage(self) -> Any:  # type: ignore[override]
+        # the memory behind this gradient is the fp32 buffer: memory accounting counts it
+        # once (data_ptr() still raises, so no kernel reads fp32 bytes as bf16 by mistake)
+        return self._inner.untyped_storage()
+
+    def _materialize(self) -> None:
+        bucket = self._bucket()
+        if bucket is not None:
+            bucket.apply_scale(self._index)
+
+    # A copy or a pickle is a standalone view of a copy of the fp32 values: the bucket it
+    # came from is not part of it (a copied optimizer recognises it by its data pointer).
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "GradView":
+        import copy
+
+        self._materialize()
+        return GradView(copy.deepcopy(self._inner, memo), self.dtype, None, self._index)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        self._materialize()
+        return (_rebuild_grad_view, (self._inner, self.dtype, self._index))
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func is aten.add_.Tensor and isinstance(args[0], GradView) and not isinstance(args[1], GradView):
+            bucket = args[0]._bucket()
+            if bucket is not None and bucket.fold(args[0]._index, args[1], kwargs.get("alpha", 1)):
+                return args[0]
+        elif func is aten.linalg_vector_norm.default and isinstance(args[0], GradView):
+            bucket = args[0]._bucket()
+            if bucket is not None:
+                norm = bucket.segment_norm(args[0]._index, *args[1:], **kwargs)
+                if norm is not None:
+                    return norm
+        elif func in (aten.mul_.Tensor, aten.mul_.Scalar) and isinstance(args[0], GradView) and not kwargs:
+            bucket = args[0]._bucket()
+            if bucket is not None and bucket.defer_scale(args[0]._index, args[1]):
+                return args[0]
+        elif func in (aten._foreach_mul_.Tensor, aten._foreach_mul_.Scalar, aten._foreach_mul_.ScalarList):
+            tensors, coef = args[0], args[1]
+            coefs = coef if isinstance(coef, (list, tuple)) else [coef] * len(tensors)
+            for t, c in zip(tensors, coefs):
+                t.mul_(c)  # each GradView defers (or applies) its own; plain tensors multiply
+            return None
+        return cls._on_fp32(func, args, kwargs)
+
+    @staticmethod
+    def _on_fp32(func: Any, args: Any, kwargs: Any) -> Any:
+        views = [a for a in tree_leaves((args, kwargs)) if isinstance(a, GradView)]
+        for v in views:
+            v._materialize()
+        uargs, ukwargs = tree_map_only(GradView, lambda v: v._inner, (args, kwargs))
+        out = func(*uargs, **ukwargs)
+        if func._schema.is_mutable:
+            for v in views:
+                bucket = v._bucket()
+                if bucket is not None:
+                    bucket.written(v._index)
+        # in-place and out= ops return the tensor they wrote: hand back the view itself
+        by_inner = {id(v._inner): v for v in views}
+        return tree_map_only(Tensor, lambda t: by_inner.get(id(t), t), out)
+
+
+def _rebuild_grad_view(inner: Tensor, dtype: torch.dtype, index: int) -> GradView:
+    return GradView(inner, dtype, None, index)
+
+
 class Bucket:
-    def __init__(self, params: List[Tensor], group_index: int, backend: Backend, with_buffer: bool = True) -> None:
+    def __init__(self, params: List[Tensor], group_index: int, backend: Backend, with_buffer: bool = True,
+                 grad_views: bool = True) -> None:
         self.params = params
         self.group_index = group_index
         self.device = params[0].device
@@ -105,6 +233,13 @@ class Bucket:
         # parameters whose p.grad DDP is about to overwrite with the (zero) bucket it reduced.
         self.reduced = [False] * len(params)
         self.ddp_wrote = [False] * len(params)
+        # bf16/fp16 parameters whose p.grad is a GradView of their segment (plain tensors)
+        self.grad_viewed = [self.low_precision and with_buffer and grad_views and _plain(p) for p in params]
+        self._wrappers: List[Optional[GradView]] = [None] * len(params)
+        # scale[i]: a factor applied to a fresh segment's gradient through its GradView (a
+        # trainer's clip) and not written into the buffer yet: the update folds it into its
+        # multiplier, so clipping costs no pass of its own.
+        self.scale = [1.0] * len(params)
         self.flat_state: Dict[str, Tensor] = {}
         self.state_views: Dict[str, List[Tensor]] = {}
         # step counts per parameter, float32 like torch.optim; state[p]["step"] are views.
@@ -133,9 +268,18 @@ class Bucket:
             self.state_views[name] = self.views(self.flat_state[name])
         return self.state_views[name]
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # a copy gets its own GradViews; the recorded scales are written first so the copy's
+        # buffer holds the gradient as it is
+        self.apply_scales()
+        state = self.__dict__.copy()
+        state["_wrappers"] = [None] * len(self.params)
+        return state
+
     def receive(self, i: int, grad: Tensor) -> None:
         """Fold an incoming gradient into segment ``i``: add when fresh, overwrite when stale."""
         if self.fresh[i]:
+            self.apply_scale(i)
             self.backend.accumulate_(self.grad_views[i], grad, 1.0)
         else:
             self.assign(i, grad)
@@ -154,10 +298,12 @@ class Bucket:
         self.fresh[i] = True
         self.garbage[i] = False
         self.live[i] = True
+        self.scale[i] = 1.0
 
     def consume(self, i: int) -> None:
         """Segment ``i`` was used (or dropped): its values are now logically zero."""
         self.reduced[i] = False
+        self.scale[i] = 1.0
         if self.fresh[i]:
             self.fresh[i] = False
             self.garbage[i] = True
@@ -176,6 +322,81 @@ class Bucket:
     def live_indices(self) -> List[int]:
         return [i for i, is_live in enumerate(self.live) if is_live]
 
+    # ------------------------------------------------------------ through a GradView
+    def fold(self, i: int, grad: Tensor, alpha: Any) -> bool:
+        """``p.grad += alpha * grad`` on a GradView (autograd's accumulation): the fused fold.
+        False when it is not a plain gradient of the parameter's shape (the caller does the op)."""
+        view = self.grad_views[i]
+        if not (self.fresh[i] and isinstance(grad, Tensor) and grad.shape == view.shape
+                and grad.device == view.device and grad.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and not grad.is_sparse and not isinstance(alpha, Tensor)):
+            return False
+        self.apply_scale(i)
+        self.backend.accumulate_(view, grad.detach(), float(alpha))
+        return True
+
+    def segment_norm(self, i: int, ord: Any = 2, dim: Any = None, keepdim: bool = False, *,
+                     dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+        """The norm of segment ``i``'s gradient (its recorded scale included), in fp32 or
+        ``dtype``; None for what the caller must compute itself (a norm over some dims)."""
+        if dim is not None or keepdim or not self.fresh[i]:
+            return None
+        view = self.grad_views[i]
+        if float(ord) == 2.0:
+            # the backend's norm: the same read pass (and accumulation) as fastaccum's clipping
+            norm = self.backend.grad_norm(view.reshape(-1)).to(device=view.device, dtype=torch.float32)
+        else:
+            norm = torch.linalg.vector_norm(view, ord)
+        norm = norm * self.scale[i] if self.scale[i] != 1.0 else norm
+        return norm.to(dtype) if dtype is not None else norm
+
+    def defer_scale(self, i: int, coef: Any) -> bool:
+        """``p.grad.mul_(coef)`` on a GradView: record a finite scalar ``coef >= 0`` instead of
+        writing the segment. False for anything else (the caller does the op)."""
+        if isinstance(coef, Tensor):
+            if coef.numel() != 1 or coef.dim() != 0 or coef.is_complex():
+                return False
+            coef = coef.item()
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)):
+            return False
+        c = float(coef)
+        if not self.fresh[i] or not (math.isfinite(c) and c >= 0.0):
+            return False  # NaN/inf/negative: written now, as torch would (the step then sees it)
+        self.scale[i] *= c
+        return True
+
+    def apply_scale(self, i: int) -> None:
+        """Write segment ``i``'s recorded scale into the buffer."""
+        if self.scale[i] != 1.0:
+            if self.fresh[i]:
+                self.grad_views[i].mul_(self.scale[i])
+            self.scale[i] = 1.0
+
+    def apply_scales(self) -> None:
+        for i in range(len(self.params)):
+            self.apply_scale(i)
+
+    def pending_scales(self) -> List[float]:
+        """The recorded scales of the segments that hold this window's gradient."""
+        return [self.scale[i] for i in range(len(self.params)) if self.fresh[i]]
+
+    def written(self, i: int) -> None:
+        """Something wrote segment ``i`` through its GradView: a stale segment is no longer zeros."""
+        if not self.fresh[i]:
+            self.garbage[i] = True
+
+    def _attached(self, i: int) -> Optional[Tensor]:
+        """What ``p.grad`` is while segment ``i`` is fresh: the fp32 view, a GradView of it,
+        or None (low-precision parameters that are tensor subclasses)."""
+        if not self.low_precision:
+            return self.wrapped(i, self.grad_views[i])  # a DTensor under FSDP2
+        if not self.grad_viewed[i]:
+            return None
+        w = self._wrappers[i]
+        if w is None:
+            w = self._wrappers[i] = GradView(self.grad_views[i], self.dtype, self, i)
+        return w
+
     # ------------------------------------------------------------ the p.grad protocol
     def adopt(self, i: int) -> None:
         """Registration: expose the buffer and keep a gradient computed before the optimizer existed."""
@@ -187,7 +408,7 @@ class Bucket:
             p.main_grad = self.wrapped(i, self.grad_views[i])
         if existing is not None:
             self.assign(i, existing)
-            p.grad = None if self.low_precision else self.wrapped(i, self.grad_views[i])
+            p.grad = self._attached(i)
         # Otherwise an fp32 p.grad stays None until the parameter's first gradient, which
         # the hook moves into the view: a parameter that never gets a gradient keeps
         # p.grad None, as with torch.optim (code that tests `p.grad is None` still works).
@@ -202,7 +423,7 @@ class Bucket:
         """
         p = self.params[i]
         g = p.grad
-        if self.low_precision:
+        if self.low_precision and not self.grad_viewed[i]:
             self.receive(i, local(g))  # add into a fresh segment, overwrite a stale one
             p.grad = None  # the bf16/fp16 gradient never outlives this hook
             self.ddp_wrote[i] = False
@@ -212,11 +433,12 @@ class Bucket:
         elif not self.owns_grad(i, g):
             # p.grad was None (the first micro-batch of a window, or model.zero_grad()) or
             # replaced: autograd handed over the whole gradient, so it replaces the segment
-            # (a copy, where accumulating into a zeroed buffer would be an add).
+            # (a copy, where accumulating into a zeroed buffer would be an add). A bf16/fp16
+            # gradient is released here: p.grad becomes the GradView of the segment.
             self.assign(i, g)
-            p.grad = self.wrapped(i, self.grad_views[i])
-        # (an fp32 gradient autograd added into our view needs no bookkeeping: the view is
-        # attached only while its segment is fresh, hence live)
+            p.grad = self._attached(i)
+        # (a gradient autograd added into our view, or folded through the GradView, needs no
+        # bookkeeping: the view is attached only while its segment is fresh, hence live)
 
     def release(self, i: int) -> None:
         """Step-in-backward: the gradient was used in its hook and is dropped."""
@@ -236,9 +458,9 @@ class Bucket:
             g = p.grad
             if g is None:
                 # no gradient this window (or cleared by model.zero_grad()): skipped.
-                # bf16/fp16 gradients always live in the buffer, so only a stale
-                # segment means none arrived.
-                if not self.low_precision:
+                # Unwrapped bf16/fp16 gradients always live in the buffer, so for them
+                # only a stale segment means none arrived.
+                if not self.low_precision or self.grad_viewed[i]:
                     self.consume(i)
                     self.live[i] = False
                 elif not self.fresh[i]:
@@ -250,7 +472,7 @@ class Bucket:
                 self.ddp_wrote[i] = False
             elif not self.owns_grad(i, g):
                 self.assign(i, g)
-                p.grad = None if self.low_precision else self.wrapped(i, self.grad_views[i])
+                p.grad = self._attached(i)
                 changed = True
         return changed
 
@@ -263,7 +485,7 @@ class Bucket:
                 p.grad = None
             elif self.live[i] or p.grad is not None:
                 self.zero_segment(i)
-                p.grad = None if self.low_precision else self.wrapped(i, self.grad_views[i])
+                p.grad = self._attached(i)
 
     def consume_all(self) -> None:
         """The window's gradients are used: segments go stale, fp32 views are detached so
@@ -280,6 +502,7 @@ class Bucket:
     def restore(self, buf: Optional[Tensor], live: Sequence[bool], fresh: Sequence[bool]) -> None:
         """Load a saved window: the partial gradients and which segments hold them."""
         self.live = list(live)
+        self.scale = [1.0] * len(self.params)
         if self.grad is None:  # step_in_backward: no buffer
             return
         if buf is not None:
@@ -288,8 +511,8 @@ class Bucket:
         self.garbage = [not f for f in self.fresh]  # whatever the buffer held before is stale
         for i, p in enumerate(self.params):
             # the restored partial gradients are what p.grad shows; nothing else is attached
-            if self.fresh[i] and not self.low_precision:
-                p.grad = self.wrapped(i, self.grad_views[i])
+            if self.fresh[i] and self._attached(i) is not None:
+                p.grad = self._attached(i)
             elif p.grad is not None and self.owns_grad(i, p.grad):
                 p.grad = None
 
@@ -329,8 +552,10 @@ class Bucket:
     def owns_grad(self, i: int, grad: Optional[Tensor]) -> bool:
         """Whether ``grad`` is this bucket's view for parameter ``i`` (autograd accumulated in place)."""
         view = self.grad_views[i]
-        if grad is view:  # the common case: autograd accumulated into the very tensor we attached
-            return True
+        if grad is view or (grad is not None and grad is self._wrappers[i]):
+            return True  # the common case: autograd accumulated into the very tensor we attached
+        if isinstance(grad, GradView):  # a copied optimizer's view (see GradView.__deepcopy__)
+            grad = grad._inner
         grad = local(grad) if grad is not None else None
         return (
             grad is not None

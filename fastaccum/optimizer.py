@@ -229,7 +229,11 @@ class AccumOptimizer(torch.optim.Optimizer):
                 backend = backends[torch.float64]
             else:
                 backend = backends[device] if dense else resolve_backend("torch", device)
-            self._add_bucket(Bucket(ps, group_index, backend, with_buffer=not self.step_in_backward))
+            # Across ranks, DDP's reducer reads and writes p.grad itself (it copies the bucket it
+            # reduced back into it): bf16/fp16 gradients are then released in the hook and
+            # reduced by ddp_comm_hook from the fp32 buffer, never exposed as GradViews.
+            self._add_bucket(Bucket(ps, group_index, backend, with_buffer=not self.step_in_backward,
+                                    grad_views=dist_world() is None))
         if self._resident is not None:
             self._adopt_device_steps()
 
@@ -433,7 +437,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             if partials is None:
                 return torch.zeros((), dtype=torch.float32, device=self._resident.device)
             return self._window.device_grad_norm(partials)
-        total = self._window.grad_norm(self._raw_norm)
+        total = self._window.grad_norm(self._raw_norm, self._deferred_scale())
         self._window.clip_request = max_norm
         device = self._buckets[0].device if self._buckets else torch.device("cpu")
         return torch.tensor(total, dtype=torch.float32, device=device)
@@ -487,6 +491,19 @@ class AccumOptimizer(torch.optim.Optimizer):
     # --------------------------------------------------------------- internals
     def _any_low_precision(self) -> bool:
         return any(b.low_precision for b in self._buckets)
+
+    def _deferred_scale(self) -> float:
+        """The factor trainers applied through bf16/fp16 ``p.grad`` views (``clip_grad_norm_``'s
+        ``g.mul_(coef)``) and that the buffers do not hold yet: one factor for the whole
+        gradient is folded into the update multiplier (no pass); differing factors (a
+        clip over some of the parameters only) are written into the buffers now."""
+        scales = {s for b in self._buckets for s in b.pending_scales()}
+        if len(scales) <= 1:
+            return scales.pop() if scales else 1.0
+        for b in self._buckets:
+            b.apply_scales()
+        self._norm_cache = None
+        return 1.0
 
     def _raw_norm(self) -> Tuple[float, float]:
         """Squared L2 norms of the raw buffers (one read pass): (replicated, sharded).
@@ -579,6 +596,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             found_inf=found_inf is not None and as_float("found_inf", found_inf) > 0,
             max_grad_norm=self.max_grad_norm,
             live=live,
+            deferred_scale=self._deferred_scale(),
         )
         pos = 0
         for b, idx in reduced:
@@ -616,6 +634,11 @@ class AccumOptimizer(torch.optim.Optimizer):
         """The same step with every decision on the device: sumsq per bucket (when the norm is
         needed), one finalize, one update launch per bucket; the update kernels return at
         once when finalize decided to skip. Nothing here reads a device value."""
+        if self._deferred_scale() != 1.0:
+            # a trainer's clip through bf16/fp16 p.grad views: written into the buffers (one
+            # pass) rather than read back to the host as a multiplier
+            for bucket in self._buckets:
+                bucket.apply_scales()
         res = self._resident
         res.plan(self._buckets)
         # everything that can refuse runs before any kernel (state allocation, hyper-parameters)
@@ -757,7 +780,20 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> Dict[str, Any]:
+        for b in self._buckets:  # a saved buffer holds the gradient as p.grad shows it
+            b.apply_scales()
+        self._norm_cache = None
         sd = super().state_dict()
+        if self._resident is not None:
+            # The device-resident step creates a parameter's state before the device knows
+            # whether the step is skipped; state that no update has used yet (step 0) is not
+            # state in torch's sense, so it is left out, as a host step would never create it.
+            steps = self._resident.steps.tolist()  # one read, as any checkpoint waits for the device
+            order = [p for g in self.param_groups for p in g["params"]]
+            for k in [k for k in sd["state"] if k < len(order)]:
+                bi, i = self._where[order[k]]
+                if steps[self._resident.slot(bi, i)] == 0:
+                    del sd["state"][k]
         extra = {
             "version": _STATE_FORMAT_VERSION,
             "layout": [b.layout() for b in self._buckets],

@@ -49,6 +49,10 @@ class ResidentStep:
             base += n
         self._steps_layout = layout
 
+    def slot(self, bucket_index: int, i: int) -> int:
+        """Where parameter ``i`` of bucket ``bucket_index`` keeps its step count in :attr:`steps`."""
+        return self._bases[bucket_index] + i
+
     def plan(self, buckets: Sequence[Bucket]) -> None:
         """The tables of this step's live segments (cached) and the per-step index tensors."""
         K = self.kernels

@@ -158,16 +158,17 @@ class AccumulationWindow:
         scale, divisor = self.scale_and_divisor()
         return 1.0 / (scale * divisor)
 
-    def grad_norm(self, raw_norm: Callable[[], Tuple[float, float]]) -> float:
+    def grad_norm(self, raw_norm: Callable[[], Tuple[float, float]], deferred_scale: float = 1.0) -> float:
         """The norm of the gradient the update will use (unscaled, normalised), from the raw buffers' norm.
 
         ``raw_norm()`` gives the squared norms ``(replicated, sharded)`` of this rank's
         buffers; the sharded part (FSDP2's local shards) is summed across ranks.
+        ``deferred_scale``: see :meth:`grad_multiplier`.
         """
         scale, divisor = self.scale_and_divisor()
         rep_sq, shard_sq = raw_norm()
         divisor, _, shard_sq = self.reduce_across_ranks(divisor, not math.isfinite(rep_sq + shard_sq), shard_sq)
-        return math.sqrt(rep_sq + shard_sq) / (scale * divisor)
+        return math.sqrt(rep_sq + shard_sq) * deferred_scale / (scale * divisor)
 
     def grad_multiplier(
         self,
@@ -177,6 +178,7 @@ class AccumulationWindow:
         found_inf: bool,
         max_grad_norm: Optional[float],
         live: Optional[List[bool]] = None,
+        deferred_scale: float = 1.0,
     ) -> Optional[float]:
         """The update's one multiplier, or None when the step must be skipped (inf/nan).
 
@@ -185,6 +187,9 @@ class AccumulationWindow:
         also the inf/nan check. ``live`` (DDP with bf16/fp16 parameters: whether each
         reduced parameter had a gradient on this rank) is replaced by its OR across ranks,
         in the same all-reduce.
+        ``deferred_scale`` (>= 0) is a factor already applied to the gradient but not
+        written into the buffers: a trainer's ``clip_grad_norm_`` on bf16/fp16 ``p.grad``
+        views (see ``buffers.GradView``).
         """
         scale, divisor = self.scale_and_divisor()
         if grad_scaler_scale is not None:
@@ -196,7 +201,7 @@ class AccumulationWindow:
             divisor, found_inf or not math.isfinite(rep_sq + shard_sq), shard_sq, live)
         if nonfinite:
             return None
-        inv = 1.0 / (scale * divisor)
+        inv = deferred_scale / (scale * divisor)
         coef = 1.0
         if max_norm is not None:
             # torch.nn.utils.clip_grad_norm_'s formula, on the unscaled, normalised norm
