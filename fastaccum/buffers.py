@@ -428,8 +428,9 @@ class Bucket:
             p.grad = None  # the bf16/fp16 gradient never outlives this hook
             self.ddp_wrote[i] = False
         elif add_to_fresh and self.fresh[i] and not self.owns_grad(i, g):
+            # model.zero_grad() inside a managed window: the earlier micro-batches stay
             self.receive(i, local(g))
-            p.grad = self.wrapped(i, self.grad_views[i])
+            p.grad = self._attached(i)
         elif not self.owns_grad(i, g):
             # p.grad was None (the first micro-batch of a window, or model.zero_grad()) or
             # replaced: autograd handed over the whole gradient, so it replaces the segment
@@ -547,7 +548,13 @@ class Bucket:
                 del p.main_grad
             g = p.grad
             if g is not None and self.owns_grad(i, g):
-                p.grad = g.clone() if self.fresh[i] else None
+                if self.fresh[i]:
+                    # a gradient of its own, in the parameter's dtype (a GradView's fp32
+                    # segment is rounded to bf16/fp16, as torch would have held it)
+                    self.apply_scale(i)
+                    p.grad = self.wrapped(i, self.grad_views[i].to(self.dtype, copy=True))
+                else:
+                    p.grad = None
 
     def owns_grad(self, i: int, grad: Optional[Tensor]) -> bool:
         """Whether ``grad`` is this bucket's view for parameter ``i`` (autograd accumulated in place)."""
