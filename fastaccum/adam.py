@@ -54,14 +54,14 @@ class Adam(AccumOptimizer):
         backend: Optional[str] = "auto",
         step_in_backward: bool = False,
     ) -> None:
-        if capturable or differentiable:
-            raise ValueError("capturable=True and differentiable=True are not supported by fastaccum; "
-                             "use torch.optim.Adam for CUDA-graph capture or differentiable optimizers")
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by fastaccum; use torch.optim.Adam for "
+                             "differentiable optimizers")
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            foreach=foreach, capturable=False, differentiable=False, fused=fused,
+            foreach=foreach, capturable=bool(capturable), differentiable=False, fused=fused,
             decoupled_weight_decay=bool(decoupled_weight_decay),
         )
         # hyper-parameters are checked before the parameters are read, as torch.optim does

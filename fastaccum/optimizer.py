@@ -132,10 +132,16 @@ class AccumOptimizer(torch.optim.Optimizer):
         weakref.finalize(self, _release, self._hook_handles, self._buckets)
         try:
             super().__init__(params, defaults)
+            self._start_resident()
+            if defaults.get("capturable") and self._resident is None:
+                raise ValueError(
+                    "capturable=True needs the device-resident step, where no step reads a device value on the "
+                    "host: backend='triton' (or 'auto') with every parameter on one CUDA device, contiguous, "
+                    "not float64, not FSDP2-sharded, and step_in_backward=False"
+                )
         except BaseException:
             _release(self._hook_handles, self._buckets)
             raise
-        self._start_resident()
 
     def _start_resident(self) -> None:
         """Keep the step's decisions on the device when every bucket runs bucket kernels on
