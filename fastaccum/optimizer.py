@@ -168,6 +168,44 @@ class AccumOptimizer(torch.optim.Optimizer):
     def skipped_steps(self, value: int) -> None:
         self._skipped_on_host = int(value) - self._window.skipped_on_device()
 
+    # ------------------------------------------------------------ introspection
+    # torch.optim group keys that fastaccum accepts for drop-in use and ignores: not in repr()
+    _ignored_group_keys = ("foreach", "fused", "capturable", "differentiable")
+    # fastaccum's constructor settings, shown by repr() when the class's signature has them
+    _settings = ("accumulation_steps", "backend", "loss_scale", "master_weights", "max_grad_norm",
+                 "state_dtype", "step_in_backward")
+
+    @property
+    def backends(self) -> List[List[str]]:
+        """Per param group, the names of the backends that run its buckets (each once, in bucket
+        order), e.g. ``[["cpu"]]``. ``backend="auto"`` resolves per device; float64 parameters,
+        and non-contiguous ones on a bucket-kernel backend, get buckets of the ``torch`` backend."""
+        out: List[List[str]] = [[] for _ in self.param_groups]
+        for bucket in self._buckets:
+            names = out[bucket.group_index]
+            if bucket.backend.name not in names:
+                names.append(bucket.backend.name)
+        return out
+
+    def _setting(self, name: str) -> Any:
+        if name == "backend":
+            return self._backend_request
+        if name == "loss_scale":  # the setting, not the current scale (reading it may sync a device)
+            scaler = self._scaler
+            return None if scaler is None else "dynamic" if scaler.dynamic else scaler.scale
+        return getattr(self, name)
+
+    def __repr__(self) -> str:
+        accepted = inspect.signature(type(self)).parameters
+        lines = [f"{type(self).__name__} (", "fastaccum settings"]
+        lines += [f"    {name}: {self._setting(name)!r}" for name in sorted(self._settings) if name in accepted]
+        backends = self.backends
+        for i, group in enumerate(self.param_groups):
+            lines += [f"Parameter Group {i}", f"    backends: {backends[i]}"]
+            lines += [f"    {key}: {group[key]}" for key in sorted(group)
+                      if key != "params" and key not in self._ignored_group_keys]
+        return "\n".join(lines) + "\n)"
+
     # ------------------------------------------------------------------ setup
     def _check_group(self, group: Dict[str, Any]) -> None:
         raise NotImplementedError

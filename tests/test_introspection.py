@@ -76,3 +76,45 @@ def test_misspelled_argument_names_the_class_and_the_close_match(cls):
     with pytest.raises(TypeError, match=f"^{cls.__name__}.__init__\\(\\) got an unexpected keyword argument 'zzz'$"):
         cls([p], zzz=1)
 
+
+
+def _group_lines(text: str, i: int) -> list:
+    block = text.split(f"Parameter Group {i}\n", 1)[1].split("Parameter Group", 1)[0]
+    return [ln.strip() for ln in block.splitlines() if ln.startswith("    ")]
+
+
+def test_repr_shows_fastaccum_settings_and_backends_not_ignored_keys():
+    ps = [nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3, dtype=torch.float64))]
+    opt = fastaccum.AdamW([{"params": ps[:1]}, {"params": ps[1:], "lr": 0.5}], accumulation_steps=4,
+                          max_grad_norm=1.0, loss_scale="dynamic", backend="torch")
+    text = repr(opt)
+    assert text.startswith("AdamW (\n") and text.endswith("\n)")
+    for setting in ("accumulation_steps: 4", "max_grad_norm: 1.0", "loss_scale: 'dynamic'", "master_weights: True",
+                    "state_dtype: torch.float32", "backend: 'torch'", "step_in_backward: False"):
+        assert f"\n    {setting}\n" in text, (setting, text)
+    for key in TORCH_IGNORED:
+        assert f"{key}:" not in text, text
+    g0, g1 = _group_lines(text, 0), _group_lines(text, 1)
+    assert g0[0] == "backends: ['torch']" and "lr: 0.001" in g0 and "weight_decay: 0.01" in g0
+    assert "lr: 0.5" in g1 and "betas: (0.9, 0.999)" in g1 and "amsgrad: False" in g1
+    # the hyper-parameters are torch's repr's lines, minus the keys fastaccum ignores
+    ref = repr(torch.optim.AdamW([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)], "lr": 0.5}]))
+    assert g1[1:] == [ln for ln in _group_lines(ref, 1) if ln.split(":")[0] not in TORCH_IGNORED]
+
+
+def test_repr_of_sgd_has_no_state_dtype():
+    text = repr(fastaccum.SGD([nn.Parameter(torch.randn(2))], momentum=0.9))
+    assert "state_dtype" not in text and "momentum: 0.9" in text and "accumulation_steps: 1" in text
+
+
+def test_backends_per_param_group():
+    if "cpu" not in fastaccum.available_backends("cpu"):
+        pytest.skip("the C++ extension is not built here")
+    fp32, fp64 = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = fastaccum.AdamW([{"params": [fp32, fp64]}, {"params": [nn.Parameter(torch.randn(2))]}])
+    # float64 buckets run on the torch backend, whatever was asked for
+    assert opt.backends == [["cpu", "torch"], ["cpu"]]
+    assert "backends: ['cpu', 'torch']" in repr(opt)
+    assert fastaccum.AdamW([fp32], backend="torch").backends == [["torch"]]
+    with pytest.raises(AttributeError):
+        opt.backends = [["torch"]]
