@@ -82,3 +82,31 @@ def test_backend_for_wrong_device_is_refused(monkeypatch):
     monkeypatch.setitem(backends._REGISTRY, "cpu-only", backends._Entry("cpu-only", lambda: inst, ("cpu",), -1))
     with pytest.raises(fastaccum.BackendUnavailableError, match="does not run on meta"):
         fastaccum.get_backend("cpu-only", "meta")
+
+
+def _fallback_records(monkeypatch, caplog, error):
+    def loader():
+        raise error
+
+    monkeypatch.setitem(backends._REGISTRY, "fast", backends._Entry("fast", loader, ("cpu",), 99))
+    monkeypatch.setattr(backends, "_logged_fallbacks", set())
+    monkeypatch.delenv("FASTACCUM_BACKEND", raising=False)
+    with caplog.at_level(logging.INFO, logger="fastaccum"):
+        for _ in range(2):
+            opt = fastaccum.AdamW([nn.Parameter(torch.randn(2))])
+    assert opt.backends[0][0] != "fast"
+    return [r for r in caplog.records if "'fast'" in r.getMessage()], opt.backends[0][0]
+
+
+def test_auto_fallback_for_a_backend_not_installed_is_logged_at_info(monkeypatch, caplog):
+    records, used = _fallback_records(monkeypatch, caplog, ModuleNotFoundError("no module named fastx"))
+    assert [r.levelno for r in records] == [logging.INFO], "once, at INFO: visible with logging.INFO"
+    msg = records[0].getMessage()
+    assert "no module named fastx" in msg and f"uses {used!r} instead" in msg
+
+
+def test_auto_fallback_for_a_broken_build_warns(monkeypatch, caplog):
+    # installed but unloadable (a stale or broken build): a slower run nobody asked for
+    records, used = _fallback_records(monkeypatch, caplog, ImportError("stale build (ABI 1, expected 2)"))
+    assert [r.levelno for r in records] == [logging.WARNING]
+    assert "stale build" in records[0].getMessage() and f"uses {used!r} instead" in records[0].getMessage()
