@@ -45,7 +45,9 @@ def _is_x86_64() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-if os.environ.get("FASTACCUM_NO_EXT", "0") in ("", "0") and any(_csrc.glob("*.cpp")):
+_no_ext = os.environ.get("FASTACCUM_NO_EXT", "0") not in ("", "0")
+
+if not _no_ext and any(_csrc.glob("*.cpp")):
     from pybind11.setup_helpers import Pybind11Extension, build_ext
 
     debug = os.environ.get("FASTACCUM_DEBUG_EXT", "0") not in ("", "0")
@@ -88,7 +90,7 @@ if os.environ.get("FASTACCUM_NO_EXT", "0") in ("", "0") and any(_csrc.glob("*.cp
         )
     ]
     cmdclass = {"build_ext": BuildExt}
-else:
+elif _no_ext:
     # Skipping the build must not leave an earlier one behind: an editable install builds
     # _C into the source tree, where `import fastaccum` would still find (and load) it.
     for stale in sorted((_root / "fastaccum" / "backends" / "cpu").glob("_C.*")):
