@@ -18,7 +18,8 @@ and match torch's operation order). No ``-ffast-math``: the kernels rely on IEEE
 propagation for the found-inf check and on subnormals for bf16/fp16 conversions.
 
 Environment: ``FASTACCUM_NO_EXT=1`` skips the extension (pure-Python install; the
-``torch`` backend is used). ``FASTACCUM_DEBUG_EXT=1`` builds with ``-O0 -g``.
+``torch`` backend is used) and removes an earlier in-tree build of it (an editable install
+puts ``_C*.so`` beside the sources, where it would still be imported). ``FASTACCUM_DEBUG_EXT=1`` builds with ``-O0 -g``.
 """
 import os
 import platform
@@ -44,7 +45,9 @@ def _is_x86_64() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-if os.environ.get("FASTACCUM_NO_EXT", "0") in ("", "0") and any(_csrc.glob("*.cpp")):
+_no_ext = os.environ.get("FASTACCUM_NO_EXT", "0") not in ("", "0")
+
+if not _no_ext and any(_csrc.glob("*.cpp")):
     from pybind11.setup_helpers import Pybind11Extension, build_ext
 
     debug = os.environ.get("FASTACCUM_DEBUG_EXT", "0") not in ("", "0")
@@ -87,5 +90,12 @@ if os.environ.get("FASTACCUM_NO_EXT", "0") in ("", "0") and any(_csrc.glob("*.cp
         )
     ]
     cmdclass = {"build_ext": BuildExt}
+elif _no_ext:
+    # Skipping the build must not leave an earlier one behind: an editable install builds
+    # _C into the source tree, where `import fastaccum` would still find (and load) it.
+    for stale in sorted((_root / "fastaccum" / "backends" / "cpu").glob("_C.*")):
+        if stale.suffix in (".so", ".pyd"):
+            print(f"fastaccum: FASTACCUM_NO_EXT is set: removing the earlier build {stale}", file=sys.stderr)
+            stale.unlink()
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

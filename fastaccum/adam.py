@@ -12,25 +12,52 @@ from torch import Tensor
 
 from .backends import AdamHyper, AdamSegments
 from .buffers import Bucket
-from .checks import as_float, check_betas, check_nonneg, check_tensor_betas, check_tensor_lr, device_lr
-from .optimizer import AccumOptimizer
+from .checks import (as_float, check_betas, check_nonneg, check_tensor_betas, check_tensor_lr, device_lr,
+                     suggest_keywords)
+from .optimizer import AccumOptimizer, document_args
 from .scaling import LossScaleArg
 
 __all__ = ["Adam", "AdamW"]
 
+# The docstrings' entries for Adam's own arguments; torch's common ones and fastaccum's are in
+# fastaccum.optimizer.ARG_DOCS.
+_BETAS = ("tuple[float, float], optional", "decay rates (beta1, beta2) of the running averages of the gradient "
+          "and of its square, each in [0, 1)")
+_EPS = ("float, optional", "term added to the denominator for numerical stability, > 0")
+_AMSGRAD = ("bool, optional", "use the AMSGrad variant: the state also keeps the running maximum of exp_avg_sq")
+_ADAM_ARGS = {
+    "betas": _BETAS,
+    "eps": _EPS,
+    "weight_decay": ("float, optional", "weight decay coefficient: an L2 penalty added to the gradient, or, with "
+                     "decoupled_weight_decay=True, decoupled from it as in AdamW"),
+    "amsgrad": _AMSGRAD,
+    "decoupled_weight_decay": ("bool, optional", "True applies the weight decay to the parameters "
+                               "directly instead of to the gradient, which makes this AdamW"),
+}
+_ADAMW_ARGS = {
+    "betas": _BETAS,
+    "eps": _EPS,
+    "weight_decay": ("float, optional", "weight decay coefficient, decoupled from the gradient: "
+                     "each update first shrinks the parameters by the factor 1 - lr * weight_decay"),
+    "amsgrad": _AMSGRAD,
+}
 
+
+@document_args(_ADAM_ARGS)
 class Adam(AccumOptimizer):
-    """Adam with flat fp32 accumulation and a fused update (``decoupled_weight_decay=True`` is AdamW).
+    """Adam with flat fp32 gradient accumulation and a fused update, like :class:`torch.optim.Adam`
+    (``decoupled_weight_decay=True`` makes it AdamW).
 
-    Same arguments and defaults as :class:`torch.optim.Adam`, plus the keyword-only fastaccum
-    extras of :class:`AccumOptimizer`. ``foreach``/``fused`` are accepted for drop-in use and
-    ignored: the update is always one fused pass.
+    Same arguments and defaults as :class:`torch.optim.Adam`, plus fastaccum's keyword-only
+    arguments (``accumulation_steps`` to ``step_in_backward``). ``foreach`` and ``fused`` are
+    accepted for drop-in use and ignored: the update is always one fused pass per bucket.
     """
 
     _decoupled_default = False
     _kernel = "adam_"
     _required_group_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
+    @suggest_keywords
     def __init__(
         self,
         params: Iterable[Any],
@@ -45,7 +72,7 @@ class Adam(AccumOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: Optional[bool] = None,
-        decoupled_weight_decay: Optional[bool] = None,
+        decoupled_weight_decay: Optional[bool] = False,
         accumulation_steps: int = 1,
         max_grad_norm: Optional[float] = None,
         loss_scale: LossScaleArg = None,
@@ -117,11 +144,19 @@ class Adam(AccumOptimizer):
         )
 
 
+@document_args(_ADAMW_ARGS)
 class AdamW(Adam):
-    """AdamW (decoupled weight decay, default 1e-2), like :class:`torch.optim.AdamW`."""
+    """AdamW (decoupled weight decay, default 1e-2) with flat fp32 gradient accumulation and a
+    fused update, like :class:`torch.optim.AdamW`.
+
+    Same arguments and defaults as :class:`torch.optim.AdamW`, plus fastaccum's keyword-only
+    arguments (``accumulation_steps`` to ``step_in_backward``). ``foreach`` and ``fused`` are
+    accepted for drop-in use and ignored: the update is always one fused pass per bucket.
+    """
 
     _decoupled_default = True
 
+    @suggest_keywords
     def __init__(
         self,
         params: Iterable[Any],
@@ -136,10 +171,18 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: Optional[bool] = None,
-        **extras: Any,
+        accumulation_steps: int = 1,
+        max_grad_norm: Optional[float] = None,
+        loss_scale: LossScaleArg = None,
+        master_weights: bool = True,
+        state_dtype: torch.dtype = torch.float32,
+        backend: Optional[str] = "auto",
+        step_in_backward: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            **extras,
+            accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm, loss_scale=loss_scale,
+            master_weights=master_weights, state_dtype=state_dtype, backend=backend,
+            step_in_backward=step_in_backward,
         )

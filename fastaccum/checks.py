@@ -5,12 +5,17 @@ they were.
 """
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 from numbers import Number, Real
-from typing import Any, Tuple
+from typing import Any, Callable, Tuple, TypeVar
 
 import torch
 from torch import Tensor
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def is_number(x: Any) -> bool:
@@ -96,3 +101,27 @@ def check_tensor_betas(betas: Any, foreach: Any = None) -> None:
         for k, b in enumerate((b1, b2)):
             if b.numel() != 1:
                 raise ValueError(f"Tensor betas[{k}] must be 1-element")
+
+
+def suggest_keywords(init: _F) -> _F:
+    """Decorate a constructor so that a misspelled keyword argument is refused as Python
+    refuses it (``AdamW.__init__() got an unexpected keyword argument 'accumulation_step'``),
+    plus the closest argument name when there is one. The signature is unchanged
+    (``inspect.signature`` follows ``__wrapped__``), and nothing runs before the check.
+    """
+    params = inspect.signature(init).parameters
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][1:]  # no self
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return init
+    known = frozenset(named)
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for key in kwargs:
+            if key not in known:
+                msg = f"{init.__qualname__}() got an unexpected keyword argument {key!r}"
+                close = difflib.get_close_matches(key, named, n=1)
+                raise TypeError(msg + (f"; did you mean {close[0]!r}?" if close else ""))
+        return init(self, *args, **kwargs)
+
+    return checked  # type: ignore[return-value]

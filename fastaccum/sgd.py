@@ -11,19 +11,38 @@ from torch import Tensor
 
 from .backends import SGDHyper, SGDSegments
 from .buffers import Bucket
-from .checks import as_float, check_nonneg, check_tensor_lr, device_lr
-from .optimizer import AccumOptimizer
+from .checks import as_float, check_nonneg, check_tensor_lr, device_lr, suggest_keywords
+from .optimizer import AccumOptimizer, document_args
 from .scaling import LossScaleArg
 
 __all__ = ["SGD"]
 
 
+# The docstring's entries for SGD's own arguments; torch's common ones and fastaccum's are in
+# fastaccum.optimizer.ARG_DOCS.
+_SGD_ARGS = {
+    "momentum": ("float, optional", "momentum factor (0 keeps no momentum buffer)"),
+    "dampening": ("float, optional", "dampening of the momentum"),
+    "weight_decay": ("float, optional", "weight decay coefficient: an L2 penalty added to the gradient"),
+    "nesterov": ("bool, optional", "use Nesterov momentum (needs momentum > 0 and dampening 0)"),
+}
+
+
+@document_args(_SGD_ARGS)
 class SGD(AccumOptimizer):
-    """SGD with momentum/Nesterov, like :class:`torch.optim.SGD`, with fastaccum's accumulation."""
+    """SGD with momentum and Nesterov, with flat fp32 gradient accumulation and a fused update,
+    like :class:`torch.optim.SGD`.
+
+    Same arguments and defaults as :class:`torch.optim.SGD`, plus fastaccum's keyword-only
+    arguments (``accumulation_steps`` to ``step_in_backward``; the momentum buffer is always
+    fp32, so there is no ``state_dtype``). ``foreach`` and ``fused`` are accepted for drop-in
+    use and ignored: the update is always one fused pass per bucket.
+    """
 
     _kernel = "sgd_"
     _required_group_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 
+    @suggest_keywords
     def __init__(
         self,
         params: Iterable[Any],

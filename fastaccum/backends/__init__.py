@@ -8,7 +8,9 @@ Resolution (:func:`resolve_backend`):
 
 * ``"auto"`` (or ``None``): ``FASTACCUM_BACKEND`` wins when set (and is then treated as an
   explicit request); otherwise the highest-priority registered backend whose loader works
-  and which supports the device. A loader that fails is skipped, logged once at debug level.
+  and which supports the device. A loader that fails is skipped, logged once per device type
+  (with the reason and the backend used instead): at INFO when the backend is not installed
+  (its loader raised ``ModuleNotFoundError``), as a warning when it is installed but broken.
   ``torch`` supports every device, so ``auto`` always finds one.
 * an explicit name: that backend, or :class:`BackendUnavailableError` with the reason.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -109,18 +111,39 @@ def resolve_backend(requested: Optional[str], device: Union[str, torch.device]) 
         env = os.environ.get(ENV_VAR, "").strip()
         if env and env != "auto":
             return get_backend(env, device)
+        skipped: List[Tuple[_Entry, BackendUnavailableError]] = []
         for entry in sorted(_REGISTRY.values(), key=lambda e: -e.priority):
             if device.type not in entry.device_types:
                 continue
             try:
-                return get_backend(entry.name, device)
+                backend = get_backend(entry.name, device)
             except BackendUnavailableError as e:
-                key = (entry.name, device.type)
-                if key not in _logged_fallbacks:
-                    _logged_fallbacks.add(key)
-                    logger.debug("fastaccum: auto skips backend %r on %s: %s", entry.name, device.type, e)
+                skipped.append((entry, e))
+                continue
+            for skipped_entry, e in skipped:
+                _log_fallback(skipped_entry, e, device, backend.name)
+            return backend
         raise BackendUnavailableError(f"no fastaccum backend runs on {device.type} tensors")
     return get_backend(requested, device)
+
+
+def _log_fallback(entry: _Entry, error: BackendUnavailableError, device: torch.device, used: str) -> None:
+    """Say once per (backend, device type) that ``auto`` passed a faster backend over: at INFO when
+    it is not installed (its loader raised ``ModuleNotFoundError``, itself or as the cause: not built,
+    not wanted, FASTACCUM_NO_EXT=1), as a WARNING when it is installed but fails to load (a stale or
+    broken build), since that is a slower run nobody asked for."""
+    key = (entry.name, device.type)
+    if key in _logged_fallbacks:
+        return
+    _logged_fallbacks.add(key)
+    cause = entry.error
+    missing = isinstance(cause, ModuleNotFoundError) or isinstance(getattr(cause, "__cause__", None),
+                                                                   ModuleNotFoundError)
+    logger.log(
+        logging.INFO if cause is None or missing else logging.WARNING,
+        "fastaccum: backend=%r on %s tensors uses %r instead of %r: %s",
+        "auto", device.type, used, entry.name, error,
+    )
 
 
 def available_backends(device: Union[str, torch.device, None] = None) -> List[str]:

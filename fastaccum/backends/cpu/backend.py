@@ -13,10 +13,13 @@ the total work into fixed chunks across ``torch.get_num_threads()`` threads.
 Segments the kernels do not take (a user's non-contiguous parameter, an fp16 moment, a
 non-CPU tensor) are routed, per segment, to the torch backend; the rest of the bucket still
 runs fused. Importing this module raises ``ImportError`` with the reason when the
-extension is missing, stale or broken; the registry then marks the backend unavailable.
+extension is missing, stale or broken, or when ``FASTACCUM_NO_EXT=1`` is set (an editable
+install keeps an earlier build in the source tree: the switch keeps it unloaded); the
+registry then marks the backend unavailable.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,6 +29,15 @@ from ..base import AdamHyper, AdamSegments, Backend, SGDHyper, SGDSegments, hype
 from ..torch_backend import TorchBackend
 
 _EXPECTED_ABI = 2  # csrc/kernels.h kAbiVersion
+
+if os.environ.get("FASTACCUM_NO_EXT", "0") not in ("", "0"):
+    # An editable install keeps an earlier build of _C in the source tree; the switch that
+    # skipped building it also keeps it from being loaded. ModuleNotFoundError: the registry
+    # reports a backend that is not installed at INFO, not as a broken one.
+    raise ModuleNotFoundError(
+        "FASTACCUM_NO_EXT=1 is set: fastaccum.backends.cpu._C (the C++ CPU kernels) is not loaded; "
+        "unset it (and build them with `pip install -e .`) to use backend='cpu'"
+    )
 
 try:
     from . import _C
