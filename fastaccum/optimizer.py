@@ -1204,8 +1204,9 @@ ARG_DOCS: Dict[str, Tuple[str, str]] = {
     "maximize": ("bool, optional", "maximize the objective instead of minimizing it"),
     "foreach": ("bool, optional", "accepted for drop-in use and ignored: the update is always fused"),
     "fused": ("bool, optional", "accepted for drop-in use and ignored: the update is always fused"),
-    "capturable": ("bool, optional", "only False is accepted: torch's capturable mode is not implemented "
-                   "(the triton backend keeps the step's decisions on the device without it)"),
+    "capturable": ("bool, optional", "True promises that opt.step() can be captured in a CUDA graph; accepted "
+                   "when the optimizer runs the device-resident step (backend 'triton' on one CUDA device), "
+                   "refused otherwise. That step keeps every decision on the device either way"),
     "differentiable": ("bool, optional", "only False is accepted: the step runs without autograd"),
     "accumulation_steps": ("int, optional", "micro-batches per update. 1 steps on every step() call, as "
                            "torch.optim does (the classic loop: divide the loss yourself, call step() every N-th "
