@@ -535,6 +535,14 @@ class Bucket:
             if p.grad is not None and self.owns_grad(i, p.grad):
                 p.grad = None
 
+    def consume_one(self, i: int) -> None:
+        """step_in_backward: parameter ``i`` was updated in its hook from its segment, which
+        goes stale; its fp32 view is detached (as :meth:`consume_all` does for all)."""
+        self.consume(i)
+        p = self.params[i]
+        if p.grad is not None and self.owns_grad(i, p.grad):
+            p.grad = None
+
     def zero_stale(self, idx: Sequence[int]) -> None:
         """A live parameter without a fresh segment has a zero gradient: make it read as one."""
         self.clean([i for i in idx if not self.fresh[i]])

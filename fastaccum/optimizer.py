@@ -95,11 +95,12 @@ class AccumOptimizer(torch.optim.Optimizer):
             raise TypeError(f"Invalid backend: {backend!r}; pass a name such as 'auto', 'torch' or 'cpu'")
         scaler = LossScaler.from_arg(loss_scale)
         if step_in_backward:
-            if accumulation_steps != 1:
-                raise ValueError(
-                    "step_in_backward=True updates each parameter during backward, so it cannot accumulate: "
-                    "use accumulation_steps=1 (or step_in_backward=False)"
-                )
+            # With accumulation_steps=N, micro-batches 1..N-1 fold into the buffer as usual and
+            # the N-th updates each parameter in its hook (see _grad_ready). Dynamic loss
+            # scaling stays refused there too: whether the window is finite is known only
+            # after the last hook, when earlier parameters are already updated, and no exact
+            # all-or-nothing scheme exists without keeping the last gradient (what this mode
+            # exists to avoid).
             if max_grad_norm is not None:
                 raise ValueError(
                     "step_in_backward=True cannot clip by the global norm (parameters are updated before all "
@@ -121,6 +122,8 @@ class AccumOptimizer(torch.optim.Optimizer):
         self.master_weights = master_weights
         self.state_dtype = state_dtype
         self.step_in_backward = bool(step_in_backward)
+        # step_in_backward without accumulation keeps no buffer: each gradient is used in its hook
+        self._no_buffer = self.step_in_backward and accumulation_steps == 1
         self.track_noise_scale = track_noise_scale
         # McCandlish et al. 2018's gradient noise scale, fed from the accumulation itself
         # (see _close_micro and noise_scale.py); None unless asked for
@@ -130,7 +133,8 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._skipped_on_host = 0
         self._resident: Optional[ResidentStep] = None
         self._scaler = scaler
-        self._window = AccumulationWindow(accumulation_steps, scaler, self.step_in_backward)
+        # step_in_backward without accumulation: every backward is its own window
+        self._window = AccumulationWindow(accumulation_steps, scaler, self.step_in_backward and accumulation_steps == 1)
         self._window.measure_norm = track_noise_scale
         self._backend_request = backend
         self._buckets: List[Bucket] = []
@@ -250,7 +254,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             # Across ranks, DDP's reducer reads and writes p.grad itself (it copies the bucket it
             # reduced back into it): bf16/fp16 gradients are then released in the hook and
             # reduced by ddp_comm_hook from the fp32 buffer, never exposed as GradViews.
-            bucket = Bucket(ps, group_index, backend, with_buffer=not self.step_in_backward,
+            bucket = Bucket(ps, group_index, backend, with_buffer=not self._no_buffer,
                             grad_views=dist_world() is None)
             bucket.measure = self.track_noise_scale
             self._add_bucket(bucket)
@@ -265,7 +269,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             self._take_over(p)
             self._hook(bi, i)
             bucket.adopt(i)
-        if bucket.sharded and not self.step_in_backward:
+        if bucket.sharded and not self._no_buffer:
             # FSDP2: the state exists from the start (step 0, zero moments), so that a fresh
             # optimizer's state_dict has every entry a checkpoint has. torch.distributed.checkpoint
             # loads *into* that state_dict, and its helpers would otherwise run a fake step()
@@ -336,7 +340,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         if g is None:
             return
         self._check_grad(bucket, p, g)
-        if self.step_in_backward:
+        if self._no_buffer:
             # the gradient is used once, here, and released: none outlives its backward
             g32 = local(g).to(bucket.grad_dtype, memory_format=torch.contiguous_format).view(bucket.shapes[i])
             with torch.no_grad():
@@ -347,6 +351,27 @@ class AccumOptimizer(torch.optim.Optimizer):
         # micro-batches must not drop the earlier ones
         bucket.take_from_hook(i, add_to_fresh=self.accumulation_steps > 1)
         self._norm_cache = None
+        if self.step_in_backward and self._window.sync_gradients:
+            # the window's last micro-batch: its gradient is in the segment now (added in place
+            # or folded), so the parameter is updated here and the segment goes stale; no
+            # separate update pass, and nothing of this parameter waits for step()
+            with torch.no_grad():
+                self._update_bucket(bucket, [i], self._window.unclipped_multiplier())
+            bucket.consume_one(i)
+
+    def _finish_window_in_backward(self) -> None:
+        """step_in_backward with accumulation: the last micro-batch's hooks updated every
+        parameter that got a gradient in it; parameters whose gradients came only from earlier
+        micro-batches (or were assigned by hand) are updated here, with the same multiplier."""
+        self._fold_grads()
+        multiplier = self._window.unclipped_multiplier()
+        with torch.no_grad():
+            for bucket in self._buckets:
+                idx = [i for i in bucket.live_indices() if bucket.fresh[i]]
+                if idx:
+                    self._update_bucket(bucket, idx, multiplier)
+                bucket.consume_all()
+        self._end_window()
 
     def _fold_grads(self) -> None:
         """Make the buffers hold exactly what the user means as gradient now (see buffers.py)."""
@@ -535,7 +560,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         In managed mode (``accumulation_steps > 1``) this is a no-op while a window is in
         progress, so ``zero_grad()`` may be called after every micro-batch.
         """
-        if self._window.micro_step != 0 or self.step_in_backward:
+        if self._window.micro_step != 0 or self._no_buffer:
             return
         for bucket in self._buckets:
             bucket.clear(set_to_none)
@@ -562,7 +587,11 @@ class AccumOptimizer(torch.optim.Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        if self._no_buffer:
+            return loss
         if self.step_in_backward:
+            if self._window.advance():
+                self._finish_window_in_backward()
             return loss
         if self._noise is not None:
             self._close_micro()
