@@ -3,19 +3,12 @@
 A byte-level character language model (a tiny causal transformer) is trained on the
 project's own README and design notes (``examples/data/corpus.txt``, bundled: no download)
 three times with the same micro-batch and the same token budget, accumulating 1, 4 and 16
-micro-batches per update. Adam's β2 is rescaled for each effective batch from one reference
-with :func:`fastaccum.batch_scaling.scale_betas` (Marek et al. 2025: same token half-life of
-the second moment). Every run measures the gradient noise scale of McCandlish et al. 2018
-with :class:`fastaccum.noise_scale.NoiseScaleEstimator`, from the per-micro-batch gradient
-norms and the window's norm -- once with every micro-batch reporting, once with only the
-first (what the optimizer can measure for fp32 parameters) -- and prints what
-:func:`fastaccum.advice.advise` makes of it.
-
-The loop is plain torch (``torch.optim.AdamW``): each micro-batch's gradient is computed on
-its own, its squared norm taken, and the token-weighted sum kept; at the end of the window
-``p.grad`` is set to the token-weighted mean and the optimizer steps. That is exactly what
-``fastaccum.AdamW(..., accumulation_steps=N)`` with ``opt.backward(loss, weight=n_tokens)``
-computes; measuring the norms inside the optimizer is left to its own hookup.
+micro-batches per update, with ``fastaccum.AdamW(accumulation_steps=N)`` and
+``opt.backward(loss, weight=n_tokens)``. Adam's β2 keeps one token half-life for every
+effective batch (``beta2_halflife_tokens=``, Marek et al. 2025). The optimizer measures the
+gradient noise scale of McCandlish et al. 2018 from its own accumulation
+(``track_noise_scale=True``: fp32 parameters, so the first micro-batch of each window
+reports its norm), and :func:`fastaccum.advise` reads ``opt.stats()``.
 
     python examples/batch_size_study.py            # < 3 minutes on 2 CPU cores
     python examples/batch_size_study.py --quick    # < 30 s, used by the tests
@@ -35,9 +28,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from fastaccum.advice import assess  # noqa: E402
-from fastaccum.batch_scaling import scale_betas  # noqa: E402
-from fastaccum.noise_scale import NoiseScaleEstimator  # noqa: E402
+import fastaccum  # noqa: E402
+from fastaccum import assess, halflife_tokens  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.txt")
 
@@ -94,62 +86,38 @@ def run(args: argparse.Namespace, accum: int, train: torch.Tensor, val: torch.Te
     params = [p for p in model.parameters() if p.requires_grad]
     micro_tokens = args.micro_batch * args.seq_len
     eff_tokens = micro_tokens * accum
-    betas = scale_betas((0.9, args.ref_beta2), args.ref_batch_tokens, eff_tokens)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=betas, weight_decay=0.1)
-    est_all = NoiseScaleEstimator(ema=args.noise_ema)
-    est_first = NoiseScaleEstimator(ema=args.noise_ema)
+    # beta2 tuned at ref_batch_tokens, kept at the same token half-life for every batch: the
+    # optimizer picks beta2 per update from the tokens of its window (Marek et al. 2025)
+    halflife = halflife_tokens(args.ref_beta2, args.ref_batch_tokens)
+    opt = fastaccum.AdamW(params, lr=args.lr, weight_decay=0.1, accumulation_steps=accum,
+                          beta2_halflife_tokens=halflife, track_noise_scale=True)
+    opt.noise_scale_estimator.ema = args.noise_ema
     gen = torch.Generator().manual_seed(args.seed + 1)  # same data order for every run
     n_micro = args.tokens // micro_tokens
     offsets = torch.arange(args.seq_len + 1)
     tokens = 0
     updates = 0
-    grad_norm: Optional[float] = None
     curve: List[tuple] = [(0, evaluate(model, val, args.seq_len))]
     eval_every = max(1, n_micro // args.evals)
-    acc_grads = [torch.zeros_like(p) for p in params]
-    micro_sumsqs: List[float] = []
-    micro_weights: List[float] = []
     for i in range(n_micro):
         starts = torch.randint(0, train.numel() - args.seq_len - 1, (args.micro_batch,), generator=gen)
         chunk = train[starts[:, None] + offsets]
         x, y = chunk[:, :-1], chunk[:, 1:]
-        for p in params:
-            p.grad = None
         loss = nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))  # token mean
-        loss.backward()
-        w = float(y.numel())  # this micro-batch's weight: its token count
-        with torch.no_grad():
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            micro_sumsqs.append(float(sum(g.double().pow(2).sum() for g in grads)))  # |g_i|²
-            micro_weights.append(w)
-            torch._foreach_add_(acc_grads, grads, alpha=w)  # Σ w_i g_i
-        tokens += int(w)
-        if (i + 1) % accum == 0:
-            W = sum(micro_weights)
-            with torch.no_grad():
-                for p, a in zip(params, acc_grads):
-                    p.grad = a / W  # the token-weighted mean G_B
-                window_sumsq = float(sum(p.grad.double().pow(2).sum() for p in params))  # |G_B|²
-                grad_norm = math.sqrt(window_sumsq)
-            est_all.update(micro_sumsqs, micro_weights, window_sumsq, W)
-            est_first.update([micro_sumsqs[0]] + [None] * (len(micro_sumsqs) - 1), micro_weights, window_sumsq, W)
+        opt.backward(loss, weight=y.numel())  # token-weighted; the optimizer measures |g_i|² itself
+        tokens += y.numel()
+        if opt.sync_gradients:  # this step() updates
             for group in opt.param_groups:
                 group["lr"] = lr_at(tokens, args.tokens, args.lr)
-            opt.step()
             updates += 1
-            for a in acc_grads:
-                a.zero_()
-            micro_sumsqs, micro_weights = [], []
+        opt.step()
+        opt.zero_grad()
         if (i + 1) % eval_every == 0 or i + 1 == n_micro:
             curve.append((tokens, evaluate(model, val, args.seq_len)))
-    stats = dict(
-        grad_norm=grad_norm, loss_scale=None, skipped_steps=0, effective_batch=float(eff_tokens),
-        noise_scale=est_all.value, micro_batch_weight=float(micro_tokens), accumulation_steps=accum, betas=betas,
-    )
+    stats = opt.stats()  # grad_norm, effective_batch, noise_scale, betas, ...
     return dict(
-        accum=accum, eff_tokens=eff_tokens, updates=updates, tokens=tokens, betas=betas,
-        val_loss=curve[-1][1], curve=curve, noise_all=est_all.value, noise_first=est_first.value,
-        advice=assess(stats),
+        accum=accum, eff_tokens=eff_tokens, updates=updates, tokens=tokens, betas=stats["betas"],
+        val_loss=curve[-1][1], curve=curve, noise=stats["noise_scale"], advice=assess(opt),
     )
 
 
@@ -171,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--ref-beta2", type=float, default=0.99, help="beta2 tuned at --ref-batch-tokens")
     ap.add_argument("--ref-batch-tokens", type=int, default=2048, help="tokens per update beta2 was tuned at")
-    ap.add_argument("--noise-ema", type=float, default=0.9, help="EMA decay of the noise-scale estimator")
+    ap.add_argument("--noise-ema", type=float, default=0.9, help="EMA decay of the optimizer's noise-scale estimator")
     ap.add_argument("--evals", type=int, default=8, help="held-out evaluations per run (for the plot)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -199,13 +167,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     micro_tokens = args.micro_batch * args.seq_len
     print(f"# Batch-size study: {args.tokens:,} tokens per run, micro-batch {args.micro_batch} x {args.seq_len} "
           f"= {micro_tokens} tokens; beta2 {args.ref_beta2} at {args.ref_batch_tokens} tokens/update, "
-          f"rescaled with scale_betas\n")
+          f"same token half-life (beta2_halflife_tokens)\n")
     print("| accumulation | effective batch (tokens) | updates | beta2 | held-out loss | "
-          "noise scale (tokens) | noise scale, 1st micro only | advice |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+          "noise scale (tokens) | advice |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         print(f"| {r['accum']} | {r['eff_tokens']:,} | {r['updates']} | {r['betas'][1]:.6g} | {r['val_loss']:.4f} | "
-              f"{fmt_noise(r['noise_all'])} | {fmt_noise(r['noise_first'])} | {r['advice'].verdict} |")
+              f"{fmt_noise(r['noise'])} | {r['advice'].verdict} |")
     print()
     for r in results:
         print(f"- accumulation {r['accum']}: {r['advice'].message}")

@@ -103,10 +103,11 @@ def _health(stats: Mapping[str, Any]) -> Tuple[str, ...]:
     return tuple(notes)
 
 
-def assess(stats: Mapping[str, Any], *, far: float = 2.0) -> Advice:
+def assess(stats: Any, *, far: float = 2.0) -> Advice:
     """Compare the effective batch with the measured noise scale.
 
-    ``stats`` keys (required; a value may be None where unknown): ``grad_norm``,
+    ``stats``: a dict, or a fastaccum optimizer (its ``stats()`` is called; pass
+    ``track_noise_scale=True`` to it for the noise scale). Keys (required; a value may be None where unknown): ``grad_norm``,
     ``loss_scale``, ``skipped_steps``, ``effective_batch`` (weight sum of the last window),
     ``noise_scale`` (None until estimable). Optional: ``micro_batch_weight`` (weight of one
     micro-batch; default ``effective_batch / accumulation_steps``), ``accumulation_steps``,
@@ -116,8 +117,11 @@ def assess(stats: Mapping[str, Any], *, far: float = 2.0) -> Advice:
     BELOW_NOISE_SCALE when ``effective_batch < noise_scale / far``, NEAR_NOISE_SCALE in
     between, NOT_ENOUGH_DATA while either number is unknown.
     """
+    if not isinstance(stats, Mapping) and callable(getattr(stats, "stats", None)):
+        stats = stats.stats()  # a fastaccum optimizer (duck-typed: this module sits below it)
     if not isinstance(stats, Mapping):
-        raise ValueError(f"Invalid stats: {type(stats).__name__}; expected a dict with keys {', '.join(REQUIRED_KEYS)}")
+        raise ValueError(f"Invalid stats: {type(stats).__name__}; expected a dict with keys {', '.join(REQUIRED_KEYS)} "
+                         "or a fastaccum optimizer (anything with a stats() method returning one)")
     missing = [k for k in REQUIRED_KEYS if k not in stats]
     if missing:
         raise ValueError(
@@ -210,6 +214,6 @@ def assess(stats: Mapping[str, Any], *, far: float = 2.0) -> Advice:
                 **nums)
 
 
-def advise(stats: Mapping[str, Any], *, far: float = 2.0) -> str:
-    """One line of batch-size advice from ``stats`` (see :func:`assess` for the keys)."""
+def advise(stats: Any, *, far: float = 2.0) -> str:
+    """One line of batch-size advice from ``stats`` or an optimizer (see :func:`assess`)."""
     return assess(stats, far=far).message

@@ -244,6 +244,15 @@ class Bucket:
         self.state_views: Dict[str, List[Tensor]] = {}
         # step counts per parameter, float32 like torch.optim; state[p]["step"] are views.
         self.steps = torch.zeros(len(params), dtype=torch.float32)
+        # Gradient noise scale (optimizer's track_noise_scale): the squared norm of the
+        # micro-batch in progress, measured where a gradient passes through a kernel anyway
+        # (the copy of a window's first gradient, every bf16/fp16 fold). A gradient that
+        # autograd added into an fp32 view in place is not seen: the micro-batch is then
+        # incomplete (``micro_missed``) and does not report (noise_scale.py).
+        self.measure = False
+        self.micro_sumsq = 0.0
+        self.micro_seen: set = set()
+        self.micro_missed = False
 
     @property
     def low_precision(self) -> bool:
@@ -276,18 +285,45 @@ class Bucket:
         state["_wrappers"] = [None] * len(self.params)
         return state
 
-    def receive(self, i: int, grad: Tensor) -> None:
-        """Fold an incoming gradient into segment ``i``: add when fresh, overwrite when stale."""
+    def receive(self, i: int, grad: Tensor, measured: bool = False) -> None:
+        """Fold an incoming gradient into segment ``i``: add when fresh, overwrite when stale.
+        ``measured``: a micro-batch's gradient from a hook (its squared norm is recorded when
+        ``measure`` is on)."""
         if self.fresh[i]:
             self.apply_scale(i)
-            self.backend.accumulate_(self.grad_views[i], grad, 1.0)
+            self._accumulate(i, grad, 1.0, measured)
         else:
-            self.assign(i, grad)
+            self.assign(i, grad, measured)
 
-    def assign(self, i: int, grad: Tensor) -> None:
+    def _accumulate(self, i: int, grad: Tensor, alpha: float, measured: bool) -> None:
+        if measured and self.measure:
+            # the accumulate kernel's side output where the backend has one (cpu, triton)
+            s = self.backend.accumulate_sumsq_(self.grad_views[i], grad, alpha)
+            self._record_sumsq(i, float(s) * alpha * alpha)
+        else:
+            self.backend.accumulate_(self.grad_views[i], grad, alpha)
+
+    def _record_sumsq(self, i: int, s: float) -> None:
+        self.micro_sumsq += s
+        self.micro_seen.add(i)
+
+    def assign(self, i: int, grad: Tensor, measured: bool = False) -> None:
         """Make segment ``i`` exactly ``grad`` (a p.grad that is the whole gradient)."""
         self.grad_views[i].copy_(local(grad).reshape(self.grad_views[i].shape))
+        if measured and self.measure:
+            # one read of the gradient just copied (no backend has a copy kernel with a
+            # sum-of-squares output yet); once per window for fp32 parameters
+            self._record_sumsq(i, float(self.backend.sumsq(self.grad_views[i].reshape(-1))))
         self._mark_fresh(i)
+
+    def take_micro_sumsq(self) -> Tuple[float, bool]:
+        """(squared norm of the micro-batch that just ended, whether every gradient of it was
+        measured); resets the counters for the next micro-batch."""
+        out = (self.micro_sumsq, not self.micro_missed)
+        self.micro_sumsq = 0.0
+        self.micro_seen = set()
+        self.micro_missed = False
+        return out
 
     def zero_segment(self, i: int) -> None:
         """A zero gradient for parameter ``i`` (``zero_grad(set_to_none=False)``)."""
@@ -332,7 +368,7 @@ class Bucket:
                 and not grad.is_sparse and not isinstance(alpha, Tensor)):
             return False
         self.apply_scale(i)
-        self.backend.accumulate_(view, grad.detach(), float(alpha))
+        self._accumulate(i, grad.detach(), float(alpha), True)
         return True
 
     def segment_norm(self, i: int, ord: Any = 2, dim: Any = None, keepdim: bool = False, *,
@@ -424,20 +460,24 @@ class Bucket:
         p = self.params[i]
         g = p.grad
         if self.low_precision and not self.grad_viewed[i]:
-            self.receive(i, local(g))  # add into a fresh segment, overwrite a stale one
+            self.receive(i, local(g), measured=True)  # add into a fresh segment, overwrite a stale one
             p.grad = None  # the bf16/fp16 gradient never outlives this hook
             self.ddp_wrote[i] = False
         elif add_to_fresh and self.fresh[i] and not self.owns_grad(i, g):
             # model.zero_grad() inside a managed window: the earlier micro-batches stay
-            self.receive(i, local(g))
+            self.receive(i, local(g), measured=True)
             p.grad = self._attached(i)
         elif not self.owns_grad(i, g):
             # p.grad was None (the first micro-batch of a window, or model.zero_grad()) or
             # replaced: autograd handed over the whole gradient, so it replaces the segment
             # (a copy, where accumulating into a zeroed buffer would be an add). A bf16/fp16
             # gradient is released here: p.grad becomes the GradView of the segment.
-            self.assign(i, g)
+            self.assign(i, g, measured=True)
             p.grad = self._attached(i)
+        elif i not in self.micro_seen:
+            # autograd added into our fp32 view in place (not measured), or folded through
+            # the GradView without the fused fold: this micro-batch's norm is incomplete
+            self.micro_missed = True
         # (a gradient autograd added into our view, or folded through the GradView, needs no
         # bookkeeping: the view is attached only while its segment is fresh, hence live)
 
@@ -495,6 +535,14 @@ class Bucket:
             self.consume(i)
             if p.grad is not None and self.owns_grad(i, p.grad):
                 p.grad = None
+
+    def consume_one(self, i: int) -> None:
+        """step_in_backward: parameter ``i`` was updated in its hook from its segment, which
+        goes stale; its fp32 view is detached (as :meth:`consume_all` does for all)."""
+        self.consume(i)
+        p = self.params[i]
+        if p.grad is not None and self.owns_grad(i, p.grad):
+            p.grad = None
 
     def zero_stale(self, idx: Sequence[int]) -> None:
         """A live parameter without a fresh segment has a zero gradient: make it read as one."""

@@ -27,6 +27,7 @@ from torch import Tensor
 from .backends import get_backend, resolve_backend
 from .buffers import Bucket, is_sharded, local
 from .checks import as_float, check_scalar_tensor
+from .noise_scale import NoiseScaleEstimator
 from .resident import ResidentStep
 from .scaling import LossScaler, LossScaleArg
 from .window import AccumulationWindow, dist_world
@@ -74,7 +75,10 @@ class AccumOptimizer(torch.optim.Optimizer):
         state_dtype: torch.dtype = torch.float32,
         backend: Optional[str] = "auto",
         step_in_backward: bool = False,
+        track_noise_scale: bool = False,
     ) -> None:
+        if not isinstance(track_noise_scale, bool):
+            raise TypeError(f"Invalid track_noise_scale: {track_noise_scale!r}; pass True or False")
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
             raise TypeError(f"Invalid accumulation_steps: {accumulation_steps!r}; pass an int >= 1")
         if accumulation_steps < 1:
@@ -93,11 +97,12 @@ class AccumOptimizer(torch.optim.Optimizer):
             raise TypeError(f"Invalid backend: {backend!r}; pass a name such as 'auto', 'torch' or 'cpu'")
         scaler = LossScaler.from_arg(loss_scale)
         if step_in_backward:
-            if accumulation_steps != 1:
-                raise ValueError(
-                    "step_in_backward=True updates each parameter during backward, so it cannot accumulate: "
-                    "use accumulation_steps=1 (or step_in_backward=False)"
-                )
+            # With accumulation_steps=N, micro-batches 1..N-1 fold into the buffer as usual and
+            # the N-th updates each parameter in its hook (see _grad_ready). Dynamic loss
+            # scaling stays refused there too: whether the window is finite is known only
+            # after the last hook, when earlier parameters are already updated, and no exact
+            # all-or-nothing scheme exists without keeping the last gradient (what this mode
+            # exists to avoid).
             if max_grad_norm is not None:
                 raise ValueError(
                     "step_in_backward=True cannot clip by the global norm (parameters are updated before all "
@@ -108,16 +113,31 @@ class AccumOptimizer(torch.optim.Optimizer):
                     "step_in_backward=True cannot skip a whole step on inf/nan: use a static loss_scale, "
                     "bf16 parameters (no scaling needed) or step_in_backward=False"
                 )
+            if track_noise_scale:
+                raise ValueError(
+                    "track_noise_scale=True needs the norm of the whole window, which step_in_backward=True never "
+                    "assembles (each parameter is updated in its hook): use one or the other"
+                )
 
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.master_weights = master_weights
         self.state_dtype = state_dtype
         self.step_in_backward = bool(step_in_backward)
+        # step_in_backward without accumulation keeps no buffer: each gradient is used in its hook
+        self._no_buffer = self.step_in_backward and accumulation_steps == 1
+        self.track_noise_scale = track_noise_scale
+        # McCandlish et al. 2018's gradient noise scale, fed from the accumulation itself
+        # (see _close_micro and noise_scale.py); None unless asked for
+        self._noise: Optional[NoiseScaleEstimator] = NoiseScaleEstimator() if track_noise_scale else None
+        self._device_stats: Optional[Tuple[bool, Any]] = None  # resident: (norm computed, weight sum)
+        self._tokens_read_once: Optional[float] = None  # beta2_halflife_tokens with device weights
         self._skipped_on_host = 0
         self._resident: Optional[ResidentStep] = None
         self._scaler = scaler
-        self._window = AccumulationWindow(accumulation_steps, scaler, self.step_in_backward)
+        # step_in_backward without accumulation: every backward is its own window
+        self._window = AccumulationWindow(accumulation_steps, scaler, self.step_in_backward and accumulation_steps == 1)
+        self._window.measure_norm = track_noise_scale
         self._backend_request = backend
         self._buckets: List[Bucket] = []
         self._where: Dict[Tensor, Tuple[int, int]] = {}  # param -> (bucket index, position)
@@ -150,7 +170,9 @@ class AccumOptimizer(torch.optim.Optimizer):
         one device (the triton backend): no step then reads a device value on the host."""
         backends = {b.backend for b in self._buckets}
         devices = {b.device for b in self._buckets}
-        if (self.step_in_backward or len(backends) != 1 or len(devices) != 1
+        # track_noise_scale reads the per-micro-batch norms on the host: the step then runs
+        # host-decided (one sync per step) -- a device-resident noise scale is not built yet
+        if (self.step_in_backward or self.track_noise_scale or len(backends) != 1 or len(devices) != 1
                 or not all(b.backend.device_resident and not b.sharded for b in self._buckets)):
             return
         backend, device = backends.pop(), devices.pop()
@@ -179,7 +201,7 @@ class AccumOptimizer(torch.optim.Optimizer):
     _ignored_group_keys = ("foreach", "fused", "capturable", "differentiable")
     # fastaccum's constructor settings, shown by repr() when the class's signature has them
     _settings = ("accumulation_steps", "backend", "loss_scale", "master_weights", "max_grad_norm",
-                 "state_dtype", "step_in_backward")
+                 "state_dtype", "step_in_backward", "track_noise_scale")
 
     @property
     def backends(self) -> List[List[str]]:
@@ -278,8 +300,10 @@ class AccumOptimizer(torch.optim.Optimizer):
             # Across ranks, DDP's reducer reads and writes p.grad itself (it copies the bucket it
             # reduced back into it): bf16/fp16 gradients are then released in the hook and
             # reduced by ddp_comm_hook from the fp32 buffer, never exposed as GradViews.
-            self._add_bucket(Bucket(ps, group_index, backend, with_buffer=not self.step_in_backward,
-                                    grad_views=dist_world() is None))
+            bucket = Bucket(ps, group_index, backend, with_buffer=not self._no_buffer,
+                            grad_views=dist_world() is None)
+            bucket.measure = self.track_noise_scale
+            self._add_bucket(bucket)
         if self._resident is not None:
             self._adopt_device_steps()
 
@@ -291,7 +315,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             self._take_over(p)
             self._hook(bi, i)
             bucket.adopt(i)
-        if bucket.sharded and not self.step_in_backward:
+        if bucket.sharded and not self._no_buffer:
             # FSDP2: the state exists from the start (step 0, zero moments), so that a fresh
             # optimizer's state_dict has every entry a checkpoint has. torch.distributed.checkpoint
             # loads *into* that state_dict, and its helpers would otherwise run a fake step()
@@ -362,7 +386,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         if g is None:
             return
         self._check_grad(bucket, p, g)
-        if self.step_in_backward:
+        if self._no_buffer:
             # the gradient is used once, here, and released: none outlives its backward
             g32 = local(g).to(bucket.grad_dtype, memory_format=torch.contiguous_format).view(bucket.shapes[i])
             with torch.no_grad():
@@ -373,6 +397,27 @@ class AccumOptimizer(torch.optim.Optimizer):
         # micro-batches must not drop the earlier ones
         bucket.take_from_hook(i, add_to_fresh=self.accumulation_steps > 1)
         self._norm_cache = None
+        if self.step_in_backward and self._window.sync_gradients:
+            # the window's last micro-batch: its gradient is in the segment now (added in place
+            # or folded), so the parameter is updated here and the segment goes stale; no
+            # separate update pass, and nothing of this parameter waits for step()
+            with torch.no_grad():
+                self._update_bucket(bucket, [i], self._window.unclipped_multiplier())
+            bucket.consume_one(i)
+
+    def _finish_window_in_backward(self) -> None:
+        """step_in_backward with accumulation: the last micro-batch's hooks updated every
+        parameter that got a gradient in it; parameters whose gradients came only from earlier
+        micro-batches (or were assigned by hand) are updated here, with the same multiplier."""
+        self._fold_grads()
+        multiplier = self._window.unclipped_multiplier()
+        with torch.no_grad():
+            for bucket in self._buckets:
+                idx = [i for i in bucket.live_indices() if bucket.fresh[i]]
+                if idx:
+                    self._update_bucket(bucket, idx, multiplier)
+                bucket.consume_all()
+        self._end_window()
 
     def _fold_grads(self) -> None:
         """Make the buffers hold exactly what the user means as gradient now (see buffers.py)."""
@@ -382,6 +427,20 @@ class AccumOptimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             if bucket.fold_user_grads():
                 self._norm_cache = None
+                # a gradient assigned by hand was never measured: this window's micro-batch
+                # reports no longer describe the buffer
+                self._window.noise_sums = [0.0, 0.0, 0.0]
+
+    def _close_micro(self) -> None:
+        """A ``step()`` call ends a micro-batch: hand its squared norm (when every gradient of
+        it was measured, see buffers.py) to the window, which keeps the noise-scale sums."""
+        total, complete, seen = 0.0, True, False
+        for b in self._buckets:
+            seen = seen or bool(b.micro_seen)
+            s, ok = b.take_micro_sumsq()
+            total += s
+            complete = complete and ok
+        self._window.close_micro(total if (complete and seen) else None)
 
     # ------------------------------------------------------------ user API
     @property
@@ -398,6 +457,52 @@ class AccumOptimizer(torch.optim.Optimizer):
     def sync_gradients(self) -> bool:
         """True when the next ``step()`` updates: use it to skip DDP's all-reduce (``no_sync``) otherwise."""
         return self._window.sync_gradients
+
+    @property
+    def noise_scale_estimator(self) -> Optional[NoiseScaleEstimator]:
+        """The :class:`~fastaccum.NoiseScaleEstimator` fed by this optimizer
+        (``track_noise_scale=True``), else None."""
+        return self._noise
+
+    def stats(self) -> Dict[str, Any]:
+        """What the last window was, as plain numbers (the keys :func:`fastaccum.advise` reads).
+
+        * ``grad_norm``: L2 norm of the last update's gradient (unscaled, normalised, before
+          clipping), or None before any update and when no step computed the norm (it comes
+          from the norm pass, which runs with clipping, loss scaling or ``track_noise_scale``).
+        * ``loss_scale``, ``skipped_steps``.
+        * ``effective_batch``: the weight sum of the last window (across ranks), in the unit of
+          ``weight=`` (tokens with ``weight=n_tokens``; micro-batches without weights).
+        * ``noise_scale``: the gradient noise scale B_simple in the same unit (McCandlish et
+          al. 2018), None until estimable or without ``track_noise_scale=True``.
+        * ``accumulation_steps``, ``micro_batch_weight`` (``effective_batch`` per micro-batch),
+          ``betas`` (the first group's, for Adam: the β2 used last), ``noise_windows``.
+
+        Cheap: no pass over any tensor. On the device-resident step the norm and a tensor
+        weight sum stay on the device until this call reads them (one sync, here).
+        """
+        window = self._window
+        grad_norm: Optional[float] = window.last_grad_norm
+        effective: Any = window.last_weight_total
+        if self._device_stats is not None:
+            has_norm, divisor = self._device_stats
+            grad_norm = float(window.state[window.kernels.W_NORM]) if has_norm else None
+            if effective is None and isinstance(divisor, Tensor):
+                ref = float(window.weight_ref) if isinstance(window.weight_ref, (int, float)) else 1.0
+                effective = float(divisor) * ref
+        group = self.param_groups[0] if self.param_groups else {}
+        betas = group.get("betas")
+        return {
+            "grad_norm": grad_norm,
+            "loss_scale": self.loss_scale,
+            "skipped_steps": self.skipped_steps,
+            "effective_batch": effective,
+            "noise_scale": self._noise.value if self._noise is not None else None,
+            "noise_windows": self._noise.windows if self._noise is not None else 0,
+            "accumulation_steps": self.accumulation_steps,
+            "micro_batch_weight": None if effective is None else effective / self.accumulation_steps,
+            "betas": tuple(float(b) for b in betas) if betas is not None else None,
+        }
 
     def scale_loss(self, loss: Tensor, weight: Union[None, float, Tensor] = None) -> Tensor:
         """``loss * loss_scale * weight``, recording ``weight`` for the normalisation.
@@ -501,7 +606,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         In managed mode (``accumulation_steps > 1``) this is a no-op while a window is in
         progress, so ``zero_grad()`` may be called after every micro-batch.
         """
-        if self._window.micro_step != 0 or self.step_in_backward:
+        if self._window.micro_step != 0 or self._no_buffer:
             return
         for bucket in self._buckets:
             bucket.clear(set_to_none)
@@ -528,13 +633,37 @@ class AccumOptimizer(torch.optim.Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
-        if self.step_in_backward:
+        if self._no_buffer:
             return loss
+        if self.step_in_backward:
+            if self._window.advance():
+                self._finish_window_in_backward()
+            return loss
+        if self._noise is not None:
+            self._close_micro()
         if self._window.advance():
             self._update(grad_scale, found_inf)
         return loss
 
     # --------------------------------------------------------------- internals
+    def _tokens_per_step(self) -> float:
+        """The weight sum of the window being applied, in the unit of ``weight=`` (what
+        ``beta2_halflife_tokens`` counts). With tensor weights on the device-resident step the
+        sum stays on the device: the first such window's is read once and kept."""
+        w = self._window
+        if self.step_in_backward:
+            total = w.host_weight_total(w.scale_and_divisor()[1])
+        else:
+            total = w.last_weight_total
+        if total is not None:
+            return total
+        if getattr(self, "_tokens_read_once", None) is None:
+            divisor = w._device_divisor()
+            ref = float(w.weight_ref) if isinstance(w.weight_ref, (int, float)) else 1.0
+            world = dist_world()
+            self._tokens_read_once = float(divisor) * ref * (world[0] if world else 1)  # the one sync
+        return self._tokens_read_once
+
     def _any_low_precision(self) -> bool:
         return any(b.low_precision for b in self._buckets)
 
@@ -671,6 +800,8 @@ class AccumOptimizer(torch.optim.Optimizer):
             raise
         for bucket, _ in work:
             bucket.consume_all()
+        if self._noise is not None and self._window.last_noise is not None:
+            self._noise.update_from_sums(*self._window.last_noise)  # skipped windows never get here
         if self._scaler is not None:
             self._scaler.update(found_inf=False)
         self._consecutive_skips = 0
@@ -687,6 +818,9 @@ class AccumOptimizer(torch.optim.Optimizer):
                 bucket.apply_scales()
         res = self._resident
         res.plan(self._buckets)
+        divisor = self._window._device_divisor()
+        self._window.last_weight_total = (
+            None if isinstance(divisor, Tensor) else self._window.host_weight_total(divisor, (dist_world() or (1,))[0]))
         # everything that can refuse runs before any kernel (state allocation, hyper-parameters)
         launches = []
         for _, bucket, table in res.work:
@@ -698,6 +832,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         saved_steps, saved_window = res.steps.clone(), self._window.state.clone()
         try:
             partials = res.sumsq() if self._window.needs_norm(grad_scale, self.max_grad_norm) else None
+            self._device_stats = (partials is not None, divisor)  # for stats(): read when it is called
             self._window.finalize_on_device(
                 partials, res.steps, res.step_index, grad_scaler_scale=_as_tensor(grad_scale),
                 found_inf=_as_tensor(found_inf), max_grad_norm=self.max_grad_norm,
@@ -851,6 +986,7 @@ class AccumOptimizer(torch.optim.Optimizer):
             **self._window.state_dict(),
             "skipped_steps": self.skipped_steps,
             "loss_scaler": self._scaler.state_dict() if self._scaler is not None else None,
+            "noise_scale": self._noise.state_dict() if self._noise is not None else None,
         }
         sharded = [b for b in self._buckets if b.sharded and b.grad is not None]
         if not sharded:
@@ -929,6 +1065,8 @@ class AccumOptimizer(torch.optim.Optimizer):
             self.skipped_steps = int(extra["skipped_steps"])
             if self._scaler is not None and extra["loss_scaler"] is not None:
                 self._scaler.load_state_dict(extra["loss_scaler"])
+            if self._noise is not None and extra.get("noise_scale") is not None:
+                self._noise.load_state_dict(extra["noise_scale"])
         self._norm_cache = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -1048,6 +1186,8 @@ class AccumOptimizer(torch.optim.Optimizer):
             raise ValueError(f"the state_dict's skipped_steps is {sk!r}; it must be an int >= 0")
         if extra["loss_scaler"] is not None:
             LossScaler.check_state(extra["loss_scaler"])
+        if extra.get("noise_scale") is not None:
+            NoiseScaleEstimator().load_state_dict(extra["noise_scale"])  # raises on a corrupt entry
         mid_window = bool(extra["weighted"]) or any(any(f) for f in extra["fresh"])
         if mid_window and bool(extra["weighted"]) and (extra["loss_scaler"] is None) != (self._scaler is None):
             # the saved partial gradients carry the saved loss scale: read with another one
@@ -1232,6 +1372,9 @@ ARG_DOCS: Dict[str, Tuple[str, str]] = {
     "step_in_backward": ("bool, optional", "update each parameter in its gradient hook during backward, so no "
                          "gradient outlives its parameter's backward and no accumulation buffer is kept; "
                          "global clipping (max_grad_norm) and a dynamic loss scale are refused with it"),
+    "track_noise_scale": ("bool, optional", "estimate the gradient noise scale (McCandlish et al. 2018) from the "
+                          "accumulation itself, reported by opt.stats() and read by fastaccum.advise(opt); costs "
+                          "one read of the first micro-batch's gradient per window for fp32 parameters"),
 }
 
 _Cls = TypeVar("_Cls", bound=type)

@@ -62,6 +62,7 @@ class SGD(AccumOptimizer):
         master_weights: bool = True,
         backend: Optional[str] = "auto",
         step_in_backward: bool = False,
+        track_noise_scale: bool = False,
     ) -> None:
         if differentiable:
             raise ValueError("differentiable=True is not supported by fastaccum; use torch.optim.SGD")
@@ -73,7 +74,7 @@ class SGD(AccumOptimizer):
         super().__init__(
             params, defaults, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
             loss_scale=loss_scale, master_weights=master_weights, state_dtype=torch.float32, backend=backend,
-            step_in_backward=step_in_backward,
+            step_in_backward=step_in_backward, track_noise_scale=track_noise_scale,
         )
 
     def _check_group(self, group: Dict[str, Any]) -> None:

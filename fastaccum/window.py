@@ -64,6 +64,20 @@ class AccumulationWindow:
         self.state: Optional[Tensor] = None
         self.weight_sum_t: Optional[Tensor] = None
         self.bad_weight_t: Optional[Tensor] = None
+        # Gradient noise scale (noise_scale.py): the sums of the micro-batches that reported a
+        # squared norm this window, in absolute weight units: (Σ_R b_i |g_i|², Σ_R b_i, |R|).
+        # ``measure_norm``: the optimizer tracks the noise scale, so every step runs the norm
+        # pass (it gives |G_B|²).
+        self.measure_norm = False
+        self.noise_sums = [0.0, 0.0, 0.0]
+        self._closed_units = 0.0  # weight units of the micro-batches already closed this window
+        # what the last applied (or skipped) window was, for stats() and the noise scale:
+        # its global weight sum in absolute units (None while tensor weights keep it on the
+        # device), its unscaled normalised norm (None without a norm pass), and the reduced
+        # noise sums with |G_B|² (None when not measured)
+        self.last_weight_total: Optional[float] = None
+        self.last_grad_norm: Optional[float] = None
+        self.last_noise: Optional[Tuple[float, float, float, float, float]] = None
 
     # ----------------------------------------------------------------- device residence
     def to_device(self, kernels: Any, device: torch.device) -> None:
@@ -126,6 +140,38 @@ class AccumulationWindow:
             self.weight_sum += unit
         self.weighted = True
 
+    def close_micro(self, raw_sumsq: Optional[float]) -> None:
+        """A micro-batch ended (a ``step()`` call): record its squared-norm report.
+
+        ``raw_sumsq`` is the squared norm of what reached the buffers in that micro-batch,
+        i.e. of ``loss_scale · (w_i/weight_ref) · g_i`` (see :meth:`loss_factor`), or None when
+        it was not measured completely (then the micro-batch does not report). A micro-batch
+        whose weight lives on the device (a tensor weight) cannot report either.
+        """
+        if self.weighted:
+            unit = self.weight_sum - self._closed_units
+            self._closed_units = self.weight_sum
+            scale = self.scaler.scale if self.scaler is not None else 1.0
+            ref = float(self.weight_ref) if self.weight_ref is not None else 1.0
+        else:
+            unit, scale, ref = 1.0, 1.0, 1.0
+        if raw_sumsq is None or self.weight_sum_t is not None or not unit > 0:
+            return
+        b = unit * ref  # the micro-batch's weight b_i, in the unit of weight=
+        mean_sq = raw_sumsq / (unit * scale) ** 2  # |g_i|² of its mean gradient
+        self.noise_sums[0] += b * mean_sq
+        self.noise_sums[1] += b
+        self.noise_sums[2] += 1.0
+
+    def host_weight_total(self, divisor: float, world: int = 1) -> Optional[float]:
+        """The window's weight sum in the unit of ``weight=`` (tokens with ``weight=n_tokens``;
+        micro-batches without weights) from the normalisation divisor; None when tensor
+        weights keep it on the device."""
+        if self.weight_sum_t is not None:
+            return None
+        ref = float(self.weight_ref) if (self.weighted and self.weight_ref is not None) else 1.0
+        return divisor * world * ref
+
     def advance(self) -> bool:
         """Count one ``step()`` call; True when it is the window's last (the update is due).
 
@@ -145,6 +191,8 @@ class AccumulationWindow:
         self.clip_request = None
         self.weight_sum_t = None
         self.bad_weight_t = None
+        self.noise_sums = [0.0, 0.0, 0.0]
+        self._closed_units = 0.0
 
     # ----------------------------------------------------------------- the multiplier
     def scale_and_divisor(self) -> Tuple[float, float]:
@@ -195,21 +243,34 @@ class AccumulationWindow:
         if grad_scaler_scale is not None:
             scale *= grad_scaler_scale
         max_norm = self.clip_request if self.clip_request is not None else max_grad_norm
-        need_norm = self.scaler is not None or grad_scaler_scale is not None or max_norm is not None
+        need_norm = (self.scaler is not None or grad_scaler_scale is not None or max_norm is not None
+                     or self.measure_norm)
         rep_sq, shard_sq = raw_norm() if need_norm else (0.0, 0.0)
+        noise = list(self.noise_sums) if self.measure_norm else None
         divisor, nonfinite, shard_sq = self.reduce_across_ranks(
-            divisor, found_inf or not math.isfinite(rep_sq + shard_sq), shard_sq, live)
+            divisor, found_inf or not math.isfinite(rep_sq + shard_sq), shard_sq, live, noise)
+        world = dist_world()
+        self.last_weight_total = self.host_weight_total(divisor, world[0] if world else 1)
+        inv = deferred_scale / (scale * divisor)
+        sq = rep_sq + shard_sq
+        self.last_grad_norm = math.sqrt(sq) * inv if need_norm and math.isfinite(sq) else None
+        # |G_B|² of the update direction before clipping (a trainer's clip through the
+        # GradViews is recorded in deferred_scale, left out here: the noise scale is a
+        # property of the gradient, not of the clipped step)
+        self.last_noise = None
+        if noise is not None and not nonfinite and self.last_weight_total is not None:
+            self.last_noise = (*noise, sq / (scale * divisor) ** 2, self.last_weight_total)
         if nonfinite:
             return None
-        inv = deferred_scale / (scale * divisor)
         coef = 1.0
         if max_norm is not None:
             # torch.nn.utils.clip_grad_norm_'s formula, on the unscaled, normalised norm
-            coef = min(1.0, max_norm / (math.sqrt(rep_sq + shard_sq) * inv + 1e-6))
+            coef = min(1.0, max_norm / (math.sqrt(sq) * inv + 1e-6))
         return inv * coef
 
     def reduce_across_ranks(self, divisor: float, nonfinite: bool, sharded_sq: float = 0.0,
-                            live: Optional[List[bool]] = None) -> Tuple[float, bool, float]:
+                            live: Optional[List[bool]] = None,
+                            noise: Optional[List[float]] = None) -> Tuple[float, bool, float]:
         """One small all-reduce of (weight sum, found-inf, sharded squared norm[, live flags])
         when torch.distributed runs.
 
@@ -225,12 +286,15 @@ class AccumulationWindow:
         size, backend = world
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         head = [divisor if self.weighted else 0.0, float(nonfinite), sharded_sq]
-        t = torch.tensor(head + [float(x) for x in (live or [])], dtype=torch.float64, device=device)
+        tail = list(noise) if noise is not None else []  # the noise scale's (S1, W_R, k): sums
+        t = torch.tensor(head + tail + [float(x) for x in (live or [])], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
         values = t.tolist()
         weight_sum, any_nonfinite, sharded_sq = values[:3]
+        if noise is not None:
+            noise[:] = values[3 : 3 + len(tail)]
         if live is not None:
-            live[:] = [x > 0 for x in values[3:]]
+            live[:] = [x > 0 for x in values[3 + len(tail):]]
         return (weight_sum / size if self.weighted else divisor), any_nonfinite > 0, sharded_sq
 
     @staticmethod

@@ -31,7 +31,7 @@ def _params():
         (dict(loss_scale=-2.0), ValueError, "loss_scale"),
         (dict(state_dtype=torch.float16), ValueError, "state_dtype"),
         (dict(backend="nope"), ValueError, "unknown fastaccum backend 'nope'"),
-        (dict(step_in_backward=True, accumulation_steps=2), ValueError, "accumulation_steps=1"),
+        (dict(step_in_backward=True, accumulation_steps=2, loss_scale="dynamic"), ValueError, "static loss_scale"),
         (dict(step_in_backward=True, max_grad_norm=1.0), ValueError, "max_grad_norm"),
         (dict(step_in_backward=True, loss_scale="dynamic"), ValueError, "static loss_scale"),
         (dict(capturable=True), ValueError, "capturable"),

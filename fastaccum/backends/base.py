@@ -121,6 +121,22 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def grad_norm(self, buf: Tensor) -> Tensor: ...
 
+    def accumulate_sumsq_(self, dst: Tensor, src: Tensor, alpha: float = 1.0) -> Any:
+        """``accumulate_`` that also returns ``sum(src**2)`` (before ``alpha``), a float or a
+        0-dim tensor. This default reads ``src`` a second time (the torch backend: one more
+        read of each measured gradient, only with ``track_noise_scale=True``); backends with
+        a fused side output override it."""
+        self.accumulate_(dst, src, alpha)
+        return self.sumsq(src)
+
+    def sumsq(self, t: Tensor) -> Tensor:
+        """``sum(t**2)`` of a flat tensor as a 0-dim fp32 tensor (the norm pass, squared)."""
+        t = t.detach().reshape(-1)
+        if t.dtype != torch.float32:
+            t = t.float()
+        n = self.grad_norm(t.contiguous())
+        return n * n
+
     @abc.abstractmethod
     def adam_(self, segs: AdamSegments, hp: AdamHyper) -> None: ...
 

@@ -110,6 +110,10 @@ class CpuBackend(Backend):
                 return float(src.detach().double().square().sum())
         return None
 
+    def accumulate_sumsq_(self, dst: Tensor, src: Tensor, alpha: float = 1.0) -> float:
+        """The fused side output: ``sum(src**2)`` in the same pass as the accumulation."""
+        return self.accumulate_(dst, src, alpha, return_sumsq=True)
+
     # ------------------------------------------------------------------ norm
     def grad_norm(self, buf: Tensor) -> Tensor:
         if _is_cpu_contig(buf, (torch.float32,), buf.numel()):
