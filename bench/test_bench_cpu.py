@@ -399,11 +399,129 @@ def test_kernels_gbps(benchmark):
         Row("accumulate bf16 + sum of squares", lambda: cpu.accumulate_(buf, g16, 1.0, return_sumsq=True),
             bytes_per_param=10),
         Row("grad_norm (norm + inf/nan check)", lambda: cpu.grad_norm(buf), bytes_per_param=4),
+        Row("accumulate fp32 + sum of squares of the result", lambda: cpu.accumulate_(buf, g32, 0.0, result_sumsq=True),
+            bytes_per_param=12),
         Row("torch: buf.add_(bf16 grad)", lambda: buf.add_(g16), bytes_per_param=10),
         Row("torch: vector_norm", lambda: torch.linalg.vector_norm(buf), bytes_per_param=4),
     ]
     rows += stream_rows((4,))
+    # a read-only pass (the norm) is bound by the read-only stream, not the read/write one
+    rows.append(Row("stream bound (read 1, write 0)", lambda: _C.stream([buf.data_ptr()], 0, n, torch.get_num_threads()),
+                    bytes_per_param=4))
     time_interleaved(rows)
+    norm_gbps = 4 * n / next(r for r in rows if r.name.startswith("grad_norm")).median / 1e9
+    read_gbps = 4 * n / rows[-1].median / 1e9
+    print(f"grad_norm at {100 * norm_gbps / read_gbps:.1f} % of the read-only streaming bound ({read_gbps:.1f} GB/s)")
     report("kernels", "kernels alone", rows, "torch: buf.add_(bf16 grad)", "accumulate bf16 -> fp32 buffer",
            "stream bound (read 4, write 4)", benchmark)
     _bench_ours(benchmark, rows[1])
+
+
+# ----------------------------------------------------------------------------------
+# user-assigned gradients, the fp32 window with the fused norm, the fixed cost of a step
+
+
+def test_e_step_user_grads(benchmark):
+    """(e) step with gradients assigned to p.grad by the user (functional training,
+    torch.autograd.grad): read in place by the kernel, no copy into the buffer."""
+    params = make_params(torch.float32)
+    grads = make_grads(params, 1)
+    opt = fastaccum.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, backend="cpu")
+
+    def assign(ps):
+        for p, g in zip(ps, grads):
+            p.grad = g
+
+    rows = [
+        Row("fastaccum cpu, p.grad assigned", opt.step, lambda: assign(params), 28,
+            "p.grad = g; opt.step() (g read in place)"),
+        fastaccum_step_row("fastaccum cpu, autograd gradients", clone_params(params), grads),
+        torch_step_row("torch AdamW fused", clone_params(params), grads, fused=True),
+    ]
+    rows[1].bytes_per_param = rows[2].bytes_per_param = 28
+    rows += stream_rows((3,))
+    time_interleaved(rows)
+    report("e_step_user_grads", "(e) AdamW step, p.grad assigned by the user, fp32", rows, "torch AdamW fused",
+           "fastaccum cpu, p.grad assigned", "stream bound (read 4, write 3)", benchmark)
+    _bench_ours(benchmark, rows[0])
+
+
+def test_f_window_fp32(benchmark):
+    """(f) a whole fp32 window: 4 micro-batches + dynamic loss scale + clip + step, against
+    GradScaler + clip_grad_norm_ + fused AdamW. fastaccum's last fold returns the norm, so its
+    step stage moves 28 B/param (torch: unscale 8 + norm 4 + clip 8 + step 28)."""
+    accum = 4
+    params = make_params(torch.float32)
+    gsets = [make_grads(params, s) for s in (1, 2)]
+    opt = fastaccum.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, backend="cpu",
+                          accumulation_steps=accum, loss_scale="dynamic", max_grad_norm=MAX_NORM)
+
+    def fa_run():
+        for k in range(accum):
+            opt.backward(harness.simulated_loss(params, gsets[k % 2]))
+            opt.step()
+            opt.zero_grad()
+
+    tparams = clone_params(params)
+    topt = torch.optim.AdamW(tparams, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+
+    def t_run():
+        for k in range(accum):
+            scaler.scale(harness.simulated_loss(tparams, gsets[k % 2]) / accum).backward()
+        scaler.unscale_(topt)
+        torch.nn.utils.clip_grad_norm_(tparams, MAX_NORM)
+        scaler.step(topt)
+        scaler.update()
+        topt.zero_grad()
+
+    # produce 8/micro-batch for both; fastaccum: copy into the stale buffer (4 + 4), adds
+    # (12 each), the last one with the norm, step 28; torch: adds 12, step stage 48
+    rows = [
+        Row("fastaccum cpu window", fa_run, bytes_per_param=accum * 8 + 8 + (accum - 1) * 12 + 28,
+            note=f"{accum} x opt.backward/step/zero_grad, loss_scale='dynamic', max_grad_norm=1"),
+        Row("torch recipe window", t_run, bytes_per_param=accum * 8 + (accum - 1) * 12 + 48,
+            note=f"{accum} x scaler.scale(loss/{accum}).backward + unscale_, clip, step, update, zero_grad"),
+    ]
+    rows += stream_rows((4,))
+    time_interleaved(rows, rounds=max(3, ROUNDS - 2))
+    report("f_window_fp32", f"(f) fp32 window: {accum} micro-batches + dynamic scale + clip + step", rows,
+           "torch recipe window", "fastaccum cpu window", "stream bound (read 4, write 4)", benchmark)
+    _bench_ours(benchmark, rows[0])
+
+
+def test_g_fixed_cost(benchmark):
+    """(g) the fixed cost of a step: 72 tensors of 16 elements (the update itself is ~nothing),
+    and the kernel call alone on the same tensors, right after a backward like the step."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(16, generator=gen).requires_grad_() for _ in range(72)]
+    grads = make_grads(params, 1)
+    opt = fastaccum.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, backend="cpu")
+    tp = clone_params(params)
+    topt = torch.optim.AdamW(tp, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
+    backward = lambda: harness.simulated_loss(params, grads).backward()  # noqa: E731
+    for _ in range(3):
+        backward()
+        opt.step()
+    segs = opt._segs_cache[id(opt._buckets[0])][2]
+    job = segs._cpu_plan[1][0][1]
+
+    def kernel():
+        job.run(segs.steps, LR, BETAS[0], BETAS[1], EPS, WD, True, False, 1.0, False, 0, torch.get_num_threads())
+
+    def t_prepare():
+        for p, g in zip(tp, grads):
+            p.grad = g
+
+    rows = [
+        Row("fastaccum cpu step, 72 x 16", opt.step, backward),
+        Row("kernel call alone, 72 x 16", kernel, backward),
+        Row("torch AdamW fused step, 72 x 16", topt.step, t_prepare),
+    ]
+    time_interleaved(rows, rounds=max(200, ROUNDS), warmup=5)
+    fixed_us = (rows[0].median - rows[1].median) * 1e6
+    print(f"fixed cost of a 72-tensor step: {fixed_us:.1f} us (step {rows[0].median * 1e6:.1f} us - kernel "
+          f"{rows[1].median * 1e6:.1f} us); torch fused step {rows[2].median * 1e6:.1f} us")
+    report("g_fixed_cost", "(g) fixed cost of a 72-tensor step", rows, "torch AdamW fused step, 72 x 16",
+           "fastaccum cpu step, 72 x 16", None, benchmark, dict(fixed_cost_us=fixed_us))
+    _bench_ours(benchmark, rows[0])

@@ -298,7 +298,7 @@ std::string threading_mode() {
 // ------------------------------------------------------------------------------------
 // Drivers
 
-double accumulate(float* dst, const void* src, int src_dtype, int64_t n, float alpha, bool want_sumsq,
+double accumulate(float* dst, const void* src, int src_dtype, int64_t n, float alpha, int sumsq_of,
                   int nthreads) {
   const KernelTable& t = active_table();
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
@@ -307,7 +307,7 @@ double accumulate(float* dst, const void* src, int src_dtype, int64_t n, float a
   for_chunks(nchunks, n, nthreads, [&](int64_t c) {
     const int64_t b = c * kChunk, e = b + kChunk < n ? b + kChunk : n;
     partial[size_t(c)] =
-        t.accumulate(dst + b, static_cast<const char*>(src) + b * esz, src_dtype, e - b, alpha, want_sumsq);
+        t.accumulate(dst + b, static_cast<const char*>(src) + b * esz, src_dtype, e - b, alpha, sumsq_of);
   });
   double s = 0.0;
   for (double p : partial) s += p;  // fixed order: the same sum for any thread count
@@ -321,6 +321,26 @@ double sumsq(const float* x, int64_t n, int nthreads) {
   for_chunks(nchunks, n, nthreads, [&](int64_t c) {
     const int64_t b = c * kChunk, e = b + kChunk < n ? b + kChunk : n;
     partial[size_t(c)] = t.sumsq(x + b, e - b);
+  });
+  double s = 0.0;
+  for (double p : partial) s += p;
+  return s;
+}
+
+double sumsq_segs(const float* const* xs, const int64_t* numels, int64_t nsegs, int nthreads) {
+  const KernelTable& t = active_table();
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (int64_t s = 0; s < nsegs; ++s) {
+    total += numels[s];
+    for (int64_t b = 0; b < numels[s]; b += kChunk) {
+      chunks.push_back({s, b, b + kChunk < numels[s] ? b + kChunk : numels[s]});
+    }
+  }
+  std::vector<double> partial(chunks.size(), 0.0);
+  for_chunks(int64_t(chunks.size()), total, nthreads, [&](int64_t c) {
+    const Chunk& ch = chunks[size_t(c)];
+    partial[size_t(c)] = t.sumsq(xs[ch.seg] + ch.begin, ch.end - ch.begin);
   });
   double s = 0.0;
   for (double p : partial) s += p;

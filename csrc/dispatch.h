@@ -25,9 +25,11 @@ std::string threading_mode();
 // All drivers split the work into fixed-size chunks (independent of the thread count, so
 // sums are combined in the same order whatever the number of threads) and run them on
 // `nthreads` threads: the caller plus nthreads-1 pool workers.
-double accumulate(float* dst, const void* src, int src_dtype, int64_t n, float alpha, bool want_sumsq,
+double accumulate(float* dst, const void* src, int src_dtype, int64_t n, float alpha, int sumsq_of,
                   int nthreads);
 double sumsq(const float* x, int64_t n, int nthreads);
+// sum of x_s^2 over `nsegs` fp32 segments, one fp64 total (fixed order of chunks).
+double sumsq_segs(const float* const* xs, const int64_t* numels, int64_t nsegs, int nthreads);
 void adam(const AdamJob& job, int nthreads);
 void sgd(const SgdJob& job, int nthreads);
 // Streaming-bound kernel for benchmarks (see kernels_impl.h, stream_entry).

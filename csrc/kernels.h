@@ -17,9 +17,14 @@ namespace fastaccum {
 // Must match fastaccum/backends/cpu/ops.py (DTYPE_CODES).
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// What accumulate() sums the squares of, in the same pass (fp64): nothing, the incoming
+// gradient (noise-scale telemetry), or the result dst + alpha*src (the global norm of the
+// accumulated buffer, fused into the window's last fold so the step needs no norm pass).
+enum SumsqOf : int { kSumsqNone = 0, kSumsqSrc = 1, kSumsqResult = 2 };
+
 // Bump when the Python <-> C++ calling convention changes, so that a stale build is
 // refused with a clear message instead of misreading its arguments.
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 struct AdamSeg {
   void* param;           // AdamJob::param_dtype
@@ -88,9 +93,10 @@ struct SgdJob {
 // One instruction set's kernels. A null `name` means the ISA was not compiled in.
 struct KernelTable {
   const char* name;
-  // dst[0:n] += alpha * src[0:n]; returns sum(src^2) in fp64 when want_sumsq (else 0).
+  // dst[0:n] += alpha * src[0:n]; returns the fp64 sum of squares named by `sumsq_of`
+  // (SumsqOf: 0, sum(src^2) or sum(result^2)).
   double (*accumulate)(float* dst, const void* src, int src_dtype, int64_t n, float alpha,
-                       bool want_sumsq);
+                       int sumsq_of);
   // sum(x^2) in fp64: inf/nan if any element is inf/nan.
   double (*sumsq)(const float* x, int64_t n);
   // Elements [begin, end) of segment `seg`; begin must be a multiple of 64.

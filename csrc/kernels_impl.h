@@ -12,7 +12,7 @@
 //
 // Memory traffic per element (bytes read + written), the figure the benchmarks compare
 // with the machine's streaming bandwidth:
-//   accumulate      fp32 src: 4 + 8            bf16/fp16 src: 2 + 8
+//   accumulate      fp32 src: 4 + 8            bf16/fp16 src: 2 + 8 (either sum of squares: free)
 //   sumsq (norm)    4
 //   adam fp32       grad 4 (read only), param 4+4, exp_avg 4+4, exp_avg_sq 4+4   = 28
 //   adam bf16 state as above with 2-byte moments                               = 20
@@ -75,44 +75,51 @@ static inline void tail_out(void* dst, const void* scratch, int64_t n, int dt) {
 // ---------------------------------------------------------------------------------------
 // accumulate: dst += alpha * src (and sum of src^2 in fp64)
 
-template <class V, int DT, bool SUMSQ>
+template <class V, int DT, int SQ>
 static inline void accumulate_block(float* dst, const void* src, typename V::F alpha, typename V::D& acc) {
   typename V::F x = ldx<V, DT>(src);
-  if constexpr (SUMSQ) V::dacc(acc, x);
+  if constexpr (SQ == kSumsqSrc) V::dacc(acc, x);
   // torch's add_(src, alpha=a) is fmadd(src, a, dst).
-  V::st32(dst, V::fma(x, alpha, V::ld32(dst)));
+  const typename V::F r = V::fma(x, alpha, V::ld32(dst));
+  if constexpr (SQ == kSumsqResult) V::dacc(acc, r);  // the rounded fp32 result, as a later norm pass reads it
+  V::st32(dst, r);
 }
 
-template <class V, int DT, bool SUMSQ>
+template <class V, int DT, int SQ>
 static double accumulate_t(float* dst, const void* src, int64_t n, float alpha) {
   constexpr int W = V::W;
   typename V::D acc = V::dzero();
   const typename V::F a = V::set1(alpha);
   int64_t i = 0;
   for (; i + W <= n; i += W) {
-    accumulate_block<V, DT, SUMSQ>(dst + i, at(const_cast<void*>(src), i, DT), a, acc);
+    accumulate_block<V, DT, SQ>(dst + i, at(const_cast<void*>(src), i, DT), a, acc);
   }
   if (i < n) {
     alignas(64) float td[W];
     alignas(64) float ts[W];  // big enough for W elements of any dtype
     tail_in(td, dst + i, n - i, kF32, W);
     tail_in(ts, at(const_cast<void*>(src), i, DT), n - i, DT, W);
-    accumulate_block<V, DT, SUMSQ>(td, ts, a, acc);
+    accumulate_block<V, DT, SQ>(td, ts, a, acc);  // zero padding: 0 + a*0 adds nothing to either sum
     tail_out(dst + i, td, n - i, kF32);
   }
-  return SUMSQ ? V::dsum(acc) : 0.0;
+  return SQ != kSumsqNone ? V::dsum(acc) : 0.0;
+}
+
+template <class V, int DT>
+static double accumulate_dt(float* dst, const void* src, int64_t n, float alpha, int sumsq_of) {
+  switch (sumsq_of) {
+    case kSumsqSrc: return accumulate_t<V, DT, kSumsqSrc>(dst, src, n, alpha);
+    case kSumsqResult: return accumulate_t<V, DT, kSumsqResult>(dst, src, n, alpha);
+    default: return accumulate_t<V, DT, kSumsqNone>(dst, src, n, alpha);
+  }
 }
 
 template <class V>
-static double accumulate_entry(float* dst, const void* src, int src_dtype, int64_t n, float alpha,
-                               bool want_sumsq) {
-  switch (src_dtype * 2 + (want_sumsq ? 1 : 0)) {
-    case kF32 * 2: return accumulate_t<V, kF32, false>(dst, src, n, alpha);
-    case kF32 * 2 + 1: return accumulate_t<V, kF32, true>(dst, src, n, alpha);
-    case kBF16 * 2: return accumulate_t<V, kBF16, false>(dst, src, n, alpha);
-    case kBF16 * 2 + 1: return accumulate_t<V, kBF16, true>(dst, src, n, alpha);
-    case kF16 * 2: return accumulate_t<V, kF16, false>(dst, src, n, alpha);
-    default: return accumulate_t<V, kF16, true>(dst, src, n, alpha);
+static double accumulate_entry(float* dst, const void* src, int src_dtype, int64_t n, float alpha, int sumsq_of) {
+  switch (src_dtype) {
+    case kF32: return accumulate_dt<V, kF32>(dst, src, n, alpha, sumsq_of);
+    case kBF16: return accumulate_dt<V, kBF16>(dst, src, n, alpha, sumsq_of);
+    default: return accumulate_dt<V, kF16>(dst, src, n, alpha, sumsq_of);
   }
 }
 

@@ -53,14 +53,17 @@ void check_len(size_t got, size_t want, const char* what) {
 
 int threads_arg(int n) { return n < 1 ? 1 : n; }
 
-double py_accumulate(uintptr_t dst, uintptr_t src, int src_dtype, int64_t n, double alpha, bool want_sumsq,
+double py_accumulate(uintptr_t dst, uintptr_t src, int src_dtype, int64_t n, double alpha, int sumsq_of,
                      int nthreads) {
   check_dtype(src_dtype, "src");
+  if (sumsq_of < fastaccum::kSumsqNone || sumsq_of > fastaccum::kSumsqResult) {
+    throw std::invalid_argument("fastaccum._C.accumulate: sumsq_of must be 0 (none), 1 (src) or 2 (result)");
+  }
   if (n < 0) throw std::invalid_argument("fastaccum._C.accumulate: n must be >= 0");
   if (n == 0) return 0.0;
   py::gil_scoped_release nogil;
   return fastaccum::accumulate(reinterpret_cast<float*>(dst), reinterpret_cast<const void*>(src), src_dtype, n,
-                               float(alpha), want_sumsq, threads_arg(nthreads));
+                               float(alpha), sumsq_of, threads_arg(nthreads));
 }
 
 double py_sumsq(uintptr_t x, int64_t n, int nthreads) {
@@ -70,38 +73,73 @@ double py_sumsq(uintptr_t x, int64_t n, int nthreads) {
   return fastaccum::sumsq(reinterpret_cast<const float*>(x), n, threads_arg(nthreads));
 }
 
-void py_adam(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, const Ptrs& exp_avg_sqs,
-             const Ptrs& max_exp_avg_sqs, const Ptrs& masters, const Ints& numels, const Ints& steps,
-             int param_dtype, int state_dtype, double lr, double beta1, double beta2, double eps,
-             double weight_decay, bool decoupled, bool maximize, double grad_multiplier, bool stochastic_rounding,
-             uint64_t seed, int nthreads) {
+double py_sumsq_segs(const Ptrs& xs, const Ints& numels, int nthreads) {
+  check_len(numels.size(), xs.size(), "numels");
+  for (int64_t n : numels) {
+    if (n < 0) throw std::invalid_argument("fastaccum._C.sumsq_segs: numels must be >= 0");
+  }
+  std::vector<const float*> p(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) p[i] = reinterpret_cast<const float*>(xs[i]);
+  py::gil_scoped_release nogil;
+  return fastaccum::sumsq_segs(p.data(), numels.data(), int64_t(p.size()), threads_arg(nthreads));
+}
+
+// The pointers and sizes of an Adam update, checked and laid out once. A bucket whose
+// tensors do not move (the flat buffer and state, the parameters) reuses it every step, so
+// a step crosses into C++ with a list of step counts and the scalars only: converting six
+// lists of pointers cost more than the whole update of a 1M-parameter model's small tensors.
+struct AdamPlan {
+  std::vector<AdamSeg> segs;
+  int param_dtype = 0, state_dtype = 0;
+  bool amsgrad = false, has_master = false;
+};
+
+AdamPlan make_adam_plan(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, const Ptrs& exp_avg_sqs,
+                        const Ptrs& max_exp_avg_sqs, const Ptrs& masters, const Ints& numels, int param_dtype,
+                        int state_dtype) {
   const size_t n = params.size();
   check_len(grads.size(), n, "grads");
   check_len(exp_avgs.size(), n, "exp_avgs");
   check_len(exp_avg_sqs.size(), n, "exp_avg_sqs");
   check_len(numels.size(), n, "numels");
-  check_len(steps.size(), n, "steps");
-  const bool amsgrad = !max_exp_avg_sqs.empty(), has_master = !masters.empty();
-  if (amsgrad) check_len(max_exp_avg_sqs.size(), n, "max_exp_avg_sqs");
-  if (has_master) check_len(masters.size(), n, "masters");
+  AdamPlan plan;
+  plan.amsgrad = !max_exp_avg_sqs.empty();
+  plan.has_master = !masters.empty();
+  if (plan.amsgrad) check_len(max_exp_avg_sqs.size(), n, "max_exp_avg_sqs");
+  if (plan.has_master) check_len(masters.size(), n, "masters");
   check_dtype(param_dtype, "params");
   check_dtype(state_dtype, "exp_avgs/exp_avg_sqs", /*allow_f16=*/false);
-
-  std::vector<AdamSeg> segs(n);
+  plan.param_dtype = param_dtype;
+  plan.state_dtype = state_dtype;
+  plan.segs.resize(n);
   for (size_t i = 0; i < n; ++i) {
     if (numels[i] < 0) throw std::invalid_argument("fastaccum._C.adam: numels must be >= 0");
+    AdamSeg& s = plan.segs[i];
+    s.param = reinterpret_cast<void*>(params[i]);
+    s.grad = reinterpret_cast<float*>(grads[i]);
+    s.exp_avg = reinterpret_cast<void*>(exp_avgs[i]);
+    s.exp_avg_sq = reinterpret_cast<void*>(exp_avg_sqs[i]);
+    s.max_exp_avg_sq = plan.amsgrad ? reinterpret_cast<void*>(max_exp_avg_sqs[i]) : nullptr;
+    s.master = plan.has_master ? reinterpret_cast<float*>(masters[i]) : nullptr;
+    s.numel = numels[i];
+  }
+  return plan;
+}
+
+void run_adam_plan(AdamPlan& plan, const Ints& steps, double lr, double beta1, double beta2, double eps,
+                   double weight_decay, bool decoupled, bool maximize, double grad_multiplier,
+                   bool stochastic_rounding, uint64_t seed, int nthreads) {
+  const size_t n = plan.segs.size();
+  check_len(steps.size(), n, "steps");
+  const int param_dtype = plan.param_dtype, state_dtype = plan.state_dtype;
+  const bool amsgrad = plan.amsgrad, has_master = plan.has_master;
+  std::vector<AdamSeg>& segs = plan.segs;
+  for (size_t i = 0; i < n; ++i) {
     if (steps[i] < 1) {
       throw std::invalid_argument("fastaccum._C.adam: steps are counted after the increment and must be >= 1, got " +
                                   std::to_string(steps[i]));
     }
     AdamSeg& s = segs[i];
-    s.param = reinterpret_cast<void*>(params[i]);
-    s.grad = reinterpret_cast<float*>(grads[i]);
-    s.exp_avg = reinterpret_cast<void*>(exp_avgs[i]);
-    s.exp_avg_sq = reinterpret_cast<void*>(exp_avg_sqs[i]);
-    s.max_exp_avg_sq = amsgrad ? reinterpret_cast<void*>(max_exp_avg_sqs[i]) : nullptr;
-    s.master = has_master ? reinterpret_cast<float*>(masters[i]) : nullptr;
-    s.numel = numels[i];
     // Same double-precision scalars as reference.adam_math, rounded to float once.
     const double step = double(steps[i]);
     const double bc1 = 1.0 - std::pow(beta1, step);
@@ -134,6 +172,17 @@ void py_adam(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, const 
   job.decay_factor = float(1.0 - lr * weight_decay);
   py::gil_scoped_release nogil;
   fastaccum::adam(job, threads_arg(nthreads));
+}
+
+void py_adam(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, const Ptrs& exp_avg_sqs,
+             const Ptrs& max_exp_avg_sqs, const Ptrs& masters, const Ints& numels, const Ints& steps,
+             int param_dtype, int state_dtype, double lr, double beta1, double beta2, double eps,
+             double weight_decay, bool decoupled, bool maximize, double grad_multiplier, bool stochastic_rounding,
+             uint64_t seed, int nthreads) {
+  AdamPlan plan = make_adam_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, numels,
+                                 param_dtype, state_dtype);
+  run_adam_plan(plan, steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_multiplier,
+                stochastic_rounding, seed, nthreads);
 }
 
 void py_sgd(const Ptrs& params, const Ptrs& grads, const Ptrs& momentum_buffers, const Ptrs& masters,
@@ -201,8 +250,18 @@ PYBIND11_MODULE(_C, m) {
         "Run kernel threads on the already-loaded OpenMP runtime at path (torch's); '' = own pool");
   m.def("threading", &fastaccum::threading_mode, "'openmp' (torch's team) or 'pool'");
   m.def("accumulate", &py_accumulate, py::arg("dst"), py::arg("src"), py::arg("src_dtype"), py::arg("n"),
-        py::arg("alpha"), py::arg("want_sumsq"), py::arg("nthreads"),
-        "dst[:n] += alpha * src[:n] (dst fp32); returns sum(src^2) in fp64 when want_sumsq");
+        py::arg("alpha"), py::arg("sumsq_of"), py::arg("nthreads"),
+        "dst[:n] += alpha * src[:n] (dst fp32); returns in fp64 sum(src^2) when sumsq_of=1, sum(result^2) when 2");
+  m.def("sumsq_segs", &py_sumsq_segs, py::arg("xs"), py::arg("numels"), py::arg("nthreads"),
+        "sum of squares (fp64) over several fp32 arrays: one total, combined in a fixed order");
+  py::class_<AdamPlan>(m, "AdamPlan", "the pointers of one Adam update, laid out once (see AdamPlan in module.cpp)")
+      .def(py::init(&make_adam_plan), py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+           py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("masters"), py::arg("numels"),
+           py::arg("param_dtype"), py::arg("state_dtype"))
+      .def("run", &run_adam_plan, py::arg("steps"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+           py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("maximize"),
+           py::arg("grad_multiplier"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("nthreads"))
+      .def_property_readonly("nsegs", [](const AdamPlan& p) { return p.segs.size(); });
   m.def("sumsq", &py_sumsq, py::arg("x"), py::arg("n"), py::arg("nthreads"),
         "sum(x^2) of an fp32 array in fp64 (non-finite when any element is)");
   m.def("adam", &py_adam, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),

@@ -26,6 +26,7 @@ so autograd never adds into a stale segment.
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -36,6 +37,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from .backends import Backend
 
 ALIGN = 16  # elements; 16 fp32 = 64 bytes = one cache line / one AVX-512 register
+_grad_of = operator.attrgetter("grad")
 
 try:  # DTensor: the parameters (and gradients) of FSDP2's fully_shard
     from torch.distributed.tensor import DTensor
@@ -236,6 +238,7 @@ class Bucket:
         # bf16/fp16 parameters whose p.grad is a GradView of their segment (plain tensors)
         self.grad_viewed = [self.low_precision and with_buffer and grad_views and _plain(p) for p in params]
         self._wrappers: List[Optional[GradView]] = [None] * len(params)
+        self._init_fast_state()
         # scale[i]: a factor applied to a fresh segment's gradient through its GradView (a
         # trainer's clip) and not written into the buffer yet: the update folds it into its
         # multiplier, so clipping costs no pass of its own.
@@ -277,13 +280,47 @@ class Bucket:
             self.state_views[name] = self.views(self.flat_state[name])
         return self.state_views[name]
 
+    def _init_fast_state(self) -> None:
+        n = len(self.params)
+        # external[i]: a gradient the user assigned to p.grad (a plain contiguous tensor of the
+        # buffer's dtype) that the update reads in place instead of copying it into the
+        # segment (which then stays stale). Cleared when the segment is used or written.
+        self.external: List[Optional[Tensor]] = [None] * n
+        # seg_sumsq[i]: sum of squares (fp64) of fresh segment i as its last fold left it,
+        # returned by the fold kernel itself (backend.fuses_result_norm), so that the step
+        # needs no norm pass. Valid only while the buffer's version counter is the one seen
+        # after our own last write: any other in-place write through a view of the buffer
+        # (autograd adding into an fp32 p.grad, a trainer's p.grad.mul_) bumps it.
+        self.seg_sumsq: List[Optional[float]] = [None] * n
+        self._known_version = -1
+        # what p.grad is while every segment is fresh (see settled()), built on first use
+        self._expected: Optional[List[Tensor]] = None
+        self._all_idx = list(range(n))
+
     def __getstate__(self) -> Dict[str, Any]:
         # a copy gets its own GradViews; the recorded scales are written first so the copy's
         # buffer holds the gradient as it is
         self.apply_scales()
         state = self.__dict__.copy()
         state["_wrappers"] = [None] * len(self.params)
+        state["_expected"] = None
         return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "external" not in state:  # pickled before these existed
+            self._init_fast_state()
+        self.seg_sumsq = [None] * len(self.params)  # a copy's buffer has its own version counter
+        self._known_version = -1
+
+    # ------------------------------------------------------------ writes we make
+    def _wrote(self, version_before: int, i: int, sumsq: Optional[float]) -> None:
+        """We wrote segment ``i`` (its new sum of squares when the kernel returned it)."""
+        if version_before != self._known_version:
+            # someone else wrote the buffer since our last write: no cached sum holds
+            self.seg_sumsq = [None] * len(self.params)
+        self.seg_sumsq[i] = sumsq
+        self._known_version = self.grad._version
 
     def receive(self, i: int, grad: Tensor, measured: bool = False) -> None:
         """Fold an incoming gradient into segment ``i``: add when fresh, overwrite when stale.
@@ -296,12 +333,20 @@ class Bucket:
             self.assign(i, grad, measured)
 
     def _accumulate(self, i: int, grad: Tensor, alpha: float, measured: bool) -> None:
+        """``segment_i += alpha * grad`` with the one side output the kernel can give: the
+        incoming gradient's squared norm when the noise scale measures this micro-batch, else
+        the result's squared norm (the fused norm of the last fold) where the backend has it."""
+        v0 = self.grad._version
+        result_sumsq = None
         if measured and self.measure:
             # the accumulate kernel's side output where the backend has one (cpu, triton)
             s = self.backend.accumulate_sumsq_(self.grad_views[i], grad, alpha)
             self._record_sumsq(i, float(s) * alpha * alpha)
+        elif self.backend.fuses_result_norm:
+            result_sumsq = self.backend.accumulate_(self.grad_views[i], grad, alpha, result_sumsq=True)
         else:
             self.backend.accumulate_(self.grad_views[i], grad, alpha)
+        self._wrote(v0, i, result_sumsq)
 
     def _record_sumsq(self, i: int, s: float) -> None:
         self.micro_sumsq += s
@@ -309,7 +354,9 @@ class Bucket:
 
     def assign(self, i: int, grad: Tensor, measured: bool = False) -> None:
         """Make segment ``i`` exactly ``grad`` (a p.grad that is the whole gradient)."""
+        v0 = self.grad._version
         self.grad_views[i].copy_(local(grad).reshape(self.grad_views[i].shape))
+        self._wrote(v0, i, None)
         if measured and self.measure:
             # one read of the gradient just copied (no backend has a copy kernel with a
             # sum-of-squares output yet); once per window for fp32 parameters
@@ -327,7 +374,9 @@ class Bucket:
 
     def zero_segment(self, i: int) -> None:
         """A zero gradient for parameter ``i`` (``zero_grad(set_to_none=False)``)."""
+        v0 = self.grad._version
         self.grad_views[i].zero_()
+        self._wrote(v0, i, 0.0)
         self._mark_fresh(i)
 
     def _mark_fresh(self, i: int) -> None:
@@ -335,28 +384,95 @@ class Bucket:
         self.garbage[i] = False
         self.live[i] = True
         self.scale[i] = 1.0
+        self.external[i] = None
 
     def consume(self, i: int) -> None:
         """Segment ``i`` was used (or dropped): its values are now logically zero."""
         self.reduced[i] = False
         self.scale[i] = 1.0
+        self.external[i] = None
         if self.fresh[i]:
             self.fresh[i] = False
             self.garbage[i] = True
+            self.seg_sumsq[i] = None
 
     def clean(self, idx=None) -> None:
         """Zero stale segments that may hold old values (before reading them as zeros)."""
         for i in range(len(self.params)) if idx is None else idx:
             if self.garbage[i]:
+                v0 = self.grad._version
                 self.grad_views[i].zero_()
+                self._wrote(v0, i, None)
                 self.garbage[i] = False
+
+    # ------------------------------------------------------------ what the update reads
+    def update_grads(self, idx: Sequence[int]) -> List[Tensor]:
+        """The gradient tensor of each parameter in ``idx``: its segment, or the user's
+        tensor read in place."""
+        ext, views = self.external, self.grad_views
+        return [views[i] if ext[i] is None else ext[i] for i in idx]
+
+    def has_external(self) -> bool:
+        return self.external.count(None) != len(self.external)
+
+    def own_external(self) -> None:
+        """Copy the gradients read in place into their segments (a checkpoint saves the buffer)."""
+        for i, g in enumerate(self.external):
+            if g is not None:
+                self.assign(i, g)
+                self.params[i].grad = self._attached(i)
+
+    def grad_sumsq(self) -> Optional[float]:
+        """Squared L2 norm (fp64) of the gradient the update reads: fresh segments and the
+        user's tensors read in place (stale segments are zeros). None when this backend has
+        no host-side sum of squares and no fused sums are cached: the caller then runs the
+        backend's norm pass over the buffer, and adds :meth:`external_sumsq`."""
+        fresh = self.fresh
+        cached = self.seg_sumsq
+        if self.grad._version == self._known_version and all(
+                s is not None for s, f in zip(cached, fresh) if f):
+            total = sum(s for s, f in zip(cached, fresh) if f)
+        elif self.backend.fuses_result_norm:
+            if all(fresh):
+                total = self.backend.sumsq_of([self.grad])  # the padding between segments is zero
+            else:
+                total = self.backend.sumsq_of([v.reshape(-1) for v, f in zip(self.grad_views, fresh) if f])
+        else:
+            return None
+        return total + self.external_sumsq()
+
+    def external_sumsq(self) -> float:
+        if not self.has_external():
+            return 0.0
+        return self.backend.sumsq_of([g.reshape(-1) for g in self.external if g is not None])
+
+    def settled(self) -> bool:
+        """Every ``p.grad`` is the very view attached to its fresh segment (what a backward
+        over the whole model leaves): there is nothing to fold, and every parameter is live."""
+        if self.grad is None or self.sharded or not all(self.fresh) or not all(self.live) or any(self.ddp_wrote):
+            return False
+        exp = self._expected
+        if exp is None:
+            exp = [self._attached(i) for i in range(len(self.params))]
+            if any(e is None for e in exp):
+                return False
+            self._expected = exp
+        return all(map(operator.is_, map(_grad_of, self.params), exp))
+
+    def detach_for_fused_norm(self) -> None:
+        """The window's last backward is about to run: detach the fp32 views of fresh
+        segments, so that autograd hands each gradient to the hook (instead of adding it
+        into the view itself) and the hook's fold returns the segment's norm in its pass."""
+        if self.grad is None or self.low_precision or self.sharded or not self.backend.fuses_result_norm:
+            return
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if self.fresh[i] and g is not None and g is self.grad_views[i]:
+                p.grad = None
 
     def use_steps(self, steps: Tensor) -> None:
         """Keep the step counts in ``steps`` (a view of the optimizer-wide device tensor)."""
         self.steps = steps
-
-    def live_indices(self) -> List[int]:
-        return [i for i, is_live in enumerate(self.live) if is_live]
 
     # ------------------------------------------------------------ through a GradView
     def fold(self, i: int, grad: Tensor, alpha: Any) -> bool:
@@ -405,15 +521,21 @@ class Bucket:
         """Write segment ``i``'s recorded scale into the buffer."""
         if self.scale[i] != 1.0:
             if self.fresh[i]:
+                v0 = self.grad._version
                 self.grad_views[i].mul_(self.scale[i])
+                self._wrote(v0, i, None)
             self.scale[i] = 1.0
 
     def apply_scales(self) -> None:
+        if self.scale.count(1.0) == len(self.scale):
+            return
         for i in range(len(self.params)):
             self.apply_scale(i)
 
     def pending_scales(self) -> List[float]:
         """The recorded scales of the segments that hold this window's gradient."""
+        if self.scale.count(1.0) == len(self.scale):  # (1.0 counts: a clip torch wrote into fp32 views)
+            return [1.0] if True in self.fresh else []
         return [self.scale[i] for i in range(len(self.params)) if self.fresh[i]]
 
     def written(self, i: int) -> None:
@@ -511,11 +633,30 @@ class Bucket:
                 # gradient is in the buffer, reduced in fp32) into p.grad: not a user's gradient
                 p.grad = None
                 self.ddp_wrote[i] = False
+            elif g is self.external[i]:
+                pass  # already folded (read in place): clip_grad_norm_ then step()
             elif not self.owns_grad(i, g):
-                self.assign(i, g)
-                p.grad = self._attached(i)
+                if self._readable_in_place(i, g):
+                    # the update reads the user's tensor where it is (no copy: a copy moved
+                    # 8 bytes/param more than the whole fp32 step); p.grad stays theirs
+                    self.consume(i)
+                    self.external[i] = g
+                    self.live[i] = True
+                else:
+                    self.assign(i, g)
+                    p.grad = self._attached(i)
                 changed = True
         return changed
+
+    def _readable_in_place(self, i: int, g: Tensor) -> bool:
+        """A user's p.grad the kernels can read as the gradient itself: a plain, dense,
+        contiguous tensor of the buffer's dtype (fp32, float64 for float64 parameters) and
+        the parameter's shape. Anything else (bf16/fp16, strided, a subclass) is copied."""
+        return (
+            type(g) is Tensor and self.grad is not None and not self.sharded
+            and g.dtype == self.grad_dtype and g.layout == torch.strided and g.device == self.device
+            and g.shape == self.shapes[i] and g.is_contiguous()
+        )
 
     def clear(self, set_to_none: bool) -> None:
         """``zero_grad``: no gradients (set_to_none) or zero gradients for those that had one."""
@@ -528,13 +669,26 @@ class Bucket:
                 self.zero_segment(i)
                 p.grad = self._attached(i)
 
-    def consume_all(self) -> None:
+    def consume_all(self, settled: bool = False) -> None:
         """The window's gradients are used: segments go stale, fp32 views are detached so
-        that the next backward hands autograd's gradient over instead of adding to them."""
-        for i, p in enumerate(self.params):
-            self.consume(i)
-            if p.grad is not None and self.owns_grad(i, p.grad):
+        that the next backward hands autograd's gradient over instead of adding to them
+        (and a user's gradient read in place is released, as a copied one would have been)."""
+        n = len(self.params)
+        if settled:  # every p.grad is its attached view (settled() said so, and nothing ran since)
+            for p in self.params:
                 p.grad = None
+        else:
+            external = self.external
+            for i, p in enumerate(self.params):  # consume(i) for every i, the flags below in one go
+                g = p.grad
+                if g is not None and (g is external[i] or self.owns_grad(i, g)):
+                    p.grad = None
+        self.garbage = [g or f for g, f in zip(self.garbage, self.fresh)]
+        self.fresh = [False] * n
+        self.reduced = [False] * n
+        self.scale = [1.0] * n
+        self.external = [None] * n
+        self.seg_sumsq = [None] * n
 
     def consume_one(self, i: int) -> None:
         """step_in_backward: parameter ``i`` was updated in its hook from its segment, which
@@ -545,13 +699,23 @@ class Bucket:
             p.grad = None
 
     def zero_stale(self, idx: Sequence[int]) -> None:
-        """A live parameter without a fresh segment has a zero gradient: make it read as one."""
-        self.clean([i for i in idx if not self.fresh[i]])
+        """A live parameter without a fresh segment (nor a gradient read in place) has a zero
+        gradient: make it read as one."""
+        if self.fresh.count(False) == 0:
+            return
+        self.clean([i for i in idx if not self.fresh[i] and self.external[i] is None])
+
+    def live_indices(self) -> List[int]:
+        if self.live.count(False) == 0:
+            return self._all_idx
+        return [i for i, is_live in enumerate(self.live) if is_live]
 
     def restore(self, buf: Optional[Tensor], live: Sequence[bool], fresh: Sequence[bool]) -> None:
         """Load a saved window: the partial gradients and which segments hold them."""
         self.live = list(live)
         self.scale = [1.0] * len(self.params)
+        self.external = [None] * len(self.params)
+        self.seg_sumsq = [None] * len(self.params)
         if self.grad is None:  # step_in_backward: no buffer
             return
         if buf is not None:
@@ -637,6 +801,8 @@ class Bucket:
         idx = sorted(idx)
         self.clean([i for i in idx if not self.fresh[i]])
         for i in idx:
+            self.seg_sumsq[i] = None  # the collective writes it
+            self.external[i] = None
             self.fresh[i] = True
             self.garbage[i] = False
             self.reduced[i] = True

@@ -24,6 +24,9 @@ def is_number(x: Any) -> bool:
 
 def as_float(name: str, value: Any) -> float:
     """``value`` as a Python float; a one-element tensor is read (a host sync on a GPU)."""
+    t = type(value)
+    if t is float or t is int:  # the common case first: every step checks its hyper-parameters
+        return float(value)
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"Invalid {name}: a tensor {name} must have one element, got shape {tuple(value.shape)}")

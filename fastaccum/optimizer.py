@@ -148,6 +148,10 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._consecutive_skips = 0
         # squared raw norms (replicated, sharded) of the buffers, valid until new gradients arrive
         self._norm_cache: Optional[Tuple[float, float]] = None
+        # bucket -> the segments of its whole-bucket update, reused across steps (_cached_segments)
+        self._segs_cache: Dict[int, Any] = {}
+        self._settled: set = set()  # ids of the buckets _fold_grads found settled (see Bucket.settled)
+        self._state_epoch = 0  # bumped when the state is replaced (load_state_dict)
         self._ddp_hooked = False  # ddp_comm_hook has run: DDP reduces our fp32 buffers
         # registered before any hook: a constructor that fails, or an optimizer that is
         # dropped, removes its hooks and lets go of its buffers (p.main_grad)
@@ -421,10 +425,18 @@ class AccumOptimizer(torch.optim.Optimizer):
 
     def _fold_grads(self) -> None:
         """Make the buffers hold exactly what the user means as gradient now (see buffers.py)."""
-        for bucket in self._buckets:  # check everything first: a bad gradient changes nothing
+        # a bucket whose every p.grad is its attached view (a plain backward) has nothing to fold
+        todo = []
+        self._settled = set()
+        for b in self._buckets:
+            if b.settled():
+                self._settled.add(id(b))
+            else:
+                todo.append(b)
+        for bucket in todo:  # check everything first: a bad gradient changes nothing
             for _, p, g in bucket.foreign_grads():
                 self._check_grad(bucket, p, p if g is None else g)
-        for bucket in self._buckets:
+        for bucket in todo:
             if bucket.fold_user_grads():
                 self._norm_cache = None
                 # a gradient assigned by hand was never measured: this window's micro-batch
@@ -547,8 +559,17 @@ class AccumOptimizer(torch.optim.Optimizer):
             self.scale_loss(loss, weight).backward(**backward_kwargs)
             return
         factor = self._window.loss_factor(w, record=False)
+        if self._window.sync_gradients and self._window.micro_step > 0 and self._norm_wanted():
+            # the window's last micro-batch: its folds return the accumulated gradient's
+            # norm in their pass, so the step reads the buffer once, in the update
+            for bucket in self._buckets:
+                bucket.detach_for_fused_norm()
         (loss * factor if isinstance(factor, Tensor) or factor != 1.0 else loss).backward(**backward_kwargs)
         self._window.commit(w)
+
+    def _norm_wanted(self) -> bool:
+        """Whether the step will need the gradient's norm (loss scaling's inf check, clipping)."""
+        return self._scaler is not None or self.max_grad_norm is not None or self._window.clip_request is not None
 
     @torch.no_grad()
     def discard_window(self) -> None:
@@ -687,10 +708,17 @@ class AccumOptimizer(torch.optim.Optimizer):
         are non-finite when any element is.
         """
         if self._norm_cache is None:
-            for b in self._buckets:  # stale segments count as zeros
-                b.clean()
-            norms = [(b.sharded, b.backend.grad_norm(b.grad)) for b in self._buckets]
             sq = [0.0, 0.0]
+            norms = []
+            for b in self._buckets:
+                # the norms the folds returned, or a host-side fp64 pass (cpu); else the
+                # backend's norm pass over the buffer, stale segments cleaned to zeros
+                s = b.grad_sumsq()
+                if s is None:
+                    b.clean()
+                    norms.append((b.sharded, b.backend.grad_norm(b.grad)))
+                    s = b.external_sumsq()
+                sq[b.sharded] += s
             for sharded, n in norms:  # one host sync per bucket, as before
                 sq[sharded] += float(n.item()) ** 2
             self._norm_cache = (sq[0], sq[1])
@@ -746,13 +774,23 @@ class AccumOptimizer(torch.optim.Optimizer):
         return torch.futures.collect_all(futures).then(finish)
 
     def _check_groups(self) -> None:
+        checked = self.__dict__.setdefault("_checked_groups", {})
         for group in self.param_groups:
+            # a group whose values are the ones checked last step (same numbers, no tensors)
+            # is valid: a scheduler changing lr makes one check, not one per parameter
+            values = tuple(v for k, v in group.items() if k != "params")
+            if any(isinstance(v, Tensor) for v in values):
+                values = None
+            elif checked.get(id(group)) == values:
+                continue
             if self._resident is not None and isinstance(group["lr"], Tensor):
                 # the bucket kernels read a tensor lr themselves; reading it here would make
                 # every step wait for the device, so only its shape is checked
                 check_scalar_tensor("lr", group["lr"])
                 group = {**group, "lr": 0.0}
             self._check_group(group)
+            if values is not None:
+                checked[id(group)] = values
 
     def _update(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         self._check_groups()  # a NaN lr set by hand is refused before anything changes
@@ -798,8 +836,9 @@ class AccumOptimizer(torch.optim.Optimizer):
             for (bucket, _, _), steps in zip(plans, saved_steps):
                 bucket.steps.copy_(steps)
             raise
+        settled = self._settled  # no user code ran since _fold_grads: their p.grad are still our views
         for bucket, _ in work:
-            bucket.consume_all()
+            bucket.consume_all(settled=id(bucket) in settled)
         if self._noise is not None and self._window.last_noise is not None:
             self._noise.update_from_sums(*self._window.last_noise)  # skipped windows never get here
         if self._scaler is not None:
@@ -944,25 +983,54 @@ class AccumOptimizer(torch.optim.Optimizer):
     ) -> Tuple[Any, Any]:
         """The kernel's (segments, hyper-parameters); changes no parameter and no step count."""
         group = self.param_groups[bucket.group_index]
-        views = self._prepare_state(bucket, idx)
         steps = bucket.steps.tolist()
-        segs = self._segments(
-            bucket, idx, views,
-            grads if grads is not None else [bucket.grad_views[i] for i in idx],
-            [int(steps[i]) + 1 for i in idx],  # the step counts after this step
-        )
+        segs = self._cached_segments(bucket, idx, grads)
+        if segs is not None:
+            segs.steps = [int(s) + 1 for s in steps]
+        else:
+            views = self._prepare_state(bucket, idx)
+            segs = self._segments(
+                bucket, idx, views,
+                grads if grads is not None else bucket.update_grads(idx),
+                [int(steps[i]) + 1 for i in idx],  # the step counts after this step
+            )
         stochastic = self._stochastic(bucket)
         hp = self._hyper(group, multiplier, stochastic, self._rng_seed(stochastic))
         return segs, hp
 
+    def _cached_segments(self, bucket: Bucket, idx: Sequence[int], grads: Optional[List[Tensor]]) -> Any:
+        """The segments of a whole-bucket update from the buffer, made once and passed again
+        on later steps (``reusable``: a backend keeps its pointer layout on them), while no
+        state entry was added or removed since. None when this update is another kind."""
+        # (FSDP2 may give a shard a new local tensor: its segments are made every step)
+        if grads is not None or bucket.sharded or len(idx) != len(bucket.params) or bucket.has_external():
+            return None
+        key = id(bucket)
+        mark = (id(self.state), len(self.state), self._state_epoch,
+                tuple(self._state_spec(self.param_groups[bucket.group_index])))
+        hit = self._segs_cache.get(key)
+        if hit is not None and hit[0] == mark and hit[1] is bucket:
+            return hit[2]
+        views = self._prepare_state(bucket, idx)
+        segs = self._segments(bucket, idx, views, bucket.update_grads(idx), [])
+        if hasattr(segs, "reusable"):
+            segs.reusable = True
+        mark = mark[:1] + (len(self.state),) + mark[2:]  # the state entries _prepare_state made
+        self._segs_cache[key] = (mark, bucket, segs)
+        return segs
+
     def _run_bucket(self, bucket: Bucket, idx: Sequence[int], plan: Tuple[Any, Any]) -> None:
-        bucket.steps[list(idx)] += 1
+        if len(idx) == len(bucket.params):
+            bucket.steps += 1
+        else:
+            bucket.steps[list(idx)] += 1
         getattr(bucket.backend, self._kernel)(*plan)
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> Dict[str, Any]:
         for b in self._buckets:  # a saved buffer holds the gradient as p.grad shows it
             b.apply_scales()
+            b.own_external()
         self._norm_cache = None
         sd = super().state_dict()
         if self._resident is not None:
@@ -1034,6 +1102,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         groups, placed, extra = self._validate_state_dict(state_dict)
 
         # ---- nothing below raises on a validated state_dict
+        self._state_epoch += 1
         self.param_groups = groups
         for bucket in self._buckets:  # parameters without saved state start afresh
             bucket.steps.zero_()
@@ -1220,7 +1289,8 @@ class AccumOptimizer(torch.optim.Optimizer):
         state = self.__dict__.copy()
         for key in ("_hook_handles", "_hooks", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-                    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+                    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
+                    "_segs_cache", "_checked_groups"):
             state.pop(key, None)
         return state
 
@@ -1231,6 +1301,8 @@ class AccumOptimizer(torch.optim.Optimizer):
         self._hook_handles = []
         self._hooks = {}
         self._unhooked = []
+        self._segs_cache = {}
+        self._state_epoch = state.get("_state_epoch", 0)
         weakref.finalize(self, _release, self._hook_handles, self._buckets)
         for bi, bucket in enumerate(self._buckets):
             for i, p in enumerate(bucket.params):

@@ -41,6 +41,11 @@ class AdamSegments:
     is computed on the master and rounded into ``params``); ``None`` otherwise.
     ``exp_avgs``/``exp_avg_sqs`` are fp32 or bf16 (``state_dtype``); math is always fp32.
     ``steps`` are the step counts *after* this step (1 on the first).
+
+    ``reusable``: the optimizer passes this very object again on later steps, with new
+    ``steps`` and the same tensors in every other list (the bucket's flat buffer and state
+    do not move; a parameter's storage may, so a backend that caches pointers re-checks
+    ``params``). A backend may then keep what it derives from the lists on the object.
     """
 
     params: List[Tensor]
@@ -50,6 +55,7 @@ class AdamSegments:
     max_exp_avg_sqs: Optional[List[Tensor]]
     masters: Optional[List[Tensor]]
     steps: List[int]
+    reusable: bool = False
 
 
 # The hyper-parameters are spelled here and nowhere else: the optimizer fills these
@@ -111,6 +117,9 @@ class Backend(abc.ABC):
     #: device (attribute ``bucket``, the module :mod:`fastaccum.backends.triton_kernels`), so
     #: the optimizer's step never reads a device value on the host.
     device_resident: ClassVar[bool] = False
+    #: True when ``accumulate_(..., result_sumsq=True)`` returns the squared norm of the
+    #: result in the same pass as the add (the buckets then fuse the norm into the last fold)
+    fuses_result_norm: ClassVar[bool] = False
 
     def supports(self, device: torch.device) -> bool:
         return device.type in self.device_types
@@ -136,6 +145,10 @@ class Backend(abc.ABC):
             t = t.float()
         n = self.grad_norm(t.contiguous())
         return n * n
+
+    def sumsq_of(self, tensors: Sequence[Tensor]) -> float:
+        """``sum(t**2)`` over the tensors, as a Python float (reads back a device value)."""
+        return sum(float(self.grad_norm(t.reshape(-1)).double()) ** 2 for t in tensors)
 
     @abc.abstractmethod
     def adam_(self, segs: AdamSegments, hp: AdamHyper) -> None: ...

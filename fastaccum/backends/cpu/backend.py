@@ -28,7 +28,7 @@ from torch import Tensor
 from ..base import AdamHyper, AdamSegments, Backend, SGDHyper, SGDSegments, hyper_kwargs
 from ..torch_backend import TorchBackend
 
-_EXPECTED_ABI = 2  # csrc/kernels.h kAbiVersion
+_EXPECTED_ABI = 3  # csrc/kernels.h kAbiVersion
 
 if os.environ.get("FASTACCUM_NO_EXT", "0") not in ("", "0"):
     # An editable install keeps an earlier build of _C in the source tree; the switch that
@@ -66,6 +66,7 @@ def _is_cpu_contig(t: Optional[Tensor], dtypes: Sequence[torch.dtype], numel: in
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_data_ptr = torch.Tensor.data_ptr
 
 
 def _eager(t: Tensor) -> bool:
@@ -80,6 +81,7 @@ def _group_seed(seed: int, g: int) -> int:
 class CpuBackend(Backend):
     name = "cpu"
     device_types = ("cpu",)
+    fuses_result_norm = True
 
     def __init__(self) -> None:
         self._torch = TorchBackend()
@@ -91,14 +93,21 @@ class CpuBackend(Backend):
         return _C.isa()
 
     # ------------------------------------------------------------------ accumulate
-    def accumulate_(self, dst: Tensor, src: Tensor, alpha: float = 1.0, return_sumsq: bool = False) -> Optional[float]:
+    def accumulate_(self, dst: Tensor, src: Tensor, alpha: float = 1.0, return_sumsq: bool = False, *,
+                    result_sumsq: bool = False) -> Optional[float]:
         """``dst += alpha * src``. With ``return_sumsq=True`` also returns ``sum(src**2)`` of the
-        incoming gradient (before ``alpha``), computed in fp64 in the same pass."""
+        incoming gradient (before ``alpha``), computed in fp64 in the same pass; with
+        ``result_sumsq=True``, ``sum(dst**2)`` of the result instead (the norm of an
+        accumulated gradient, fused into its last fold)."""
         n = dst.numel()
         if _is_cpu_contig(dst, (torch.float32,), n) and _is_cpu_contig(src, _KERNEL_DTYPES, n):
             if _eager(dst) and _eager(src):
-                s = ops.accumulate_impl(dst, src, float(alpha), return_sumsq, check=False)
-                return s if return_sumsq else None
+                s = ops.accumulate_impl(dst, src, float(alpha), return_sumsq, check=False, of_result=result_sumsq)
+                return s if (return_sumsq or result_sumsq) else None
+            if result_sumsq:
+                with torch.no_grad():
+                    torch.ops.fastaccum.accumulate_(dst, src, float(alpha))
+                return float(dst.double().square().sum())
             with torch.no_grad():
                 if return_sumsq:
                     return float(torch.ops.fastaccum.accumulate_sumsq_(dst, src, float(alpha)))
@@ -106,6 +115,8 @@ class CpuBackend(Backend):
             return None
         with torch.no_grad():
             self._torch.accumulate_(dst, src, alpha)
+            if result_sumsq:
+                return float(dst.double().square().sum())
             if return_sumsq:
                 return float(src.detach().double().square().sum())
         return None
@@ -113,6 +124,12 @@ class CpuBackend(Backend):
     def accumulate_sumsq_(self, dst: Tensor, src: Tensor, alpha: float = 1.0) -> float:
         """The fused side output: ``sum(src**2)`` in the same pass as the accumulation."""
         return self.accumulate_(dst, src, alpha, return_sumsq=True)
+
+    def sumsq_of(self, tensors: Sequence[Tensor]) -> float:
+        """``sum(t**2)`` over the tensors in fp64, one read pass (inf/nan when any element is)."""
+        if all(_is_cpu_contig(t, (torch.float32,), t.numel()) and _eager(t) for t in tensors):
+            return ops.sumsq_impl(tensors, check=False) if tensors else 0.0
+        return super().sumsq_of(tensors)
 
     # ------------------------------------------------------------------ norm
     def grad_norm(self, buf: Tensor) -> Tensor:
@@ -124,6 +141,21 @@ class CpuBackend(Backend):
 
     # ------------------------------------------------------------------ adam
     def adam_(self, segs: AdamSegments, hp: AdamHyper) -> None:
+        plan = getattr(segs, "_cpu_plan", None)
+        if plan is not None and plan[0] == tuple(map(_data_ptr, segs.params)) and not torch.compiler.is_compiling():
+            # The same segments as a previous call (see AdamSegments): the pointers were
+            # checked and laid out then; only the step counts and the scalars cross now.
+            _, runs, fallback = plan
+            nthreads = torch.get_num_threads()
+            for g, (idx, job) in enumerate(runs):
+                steps = segs.steps if idx is None else [segs.steps[i] for i in idx]
+                job.run(steps, float(hp.lr), float(hp.beta1), float(hp.beta2), float(hp.eps),
+                        float(hp.weight_decay), bool(hp.decoupled), bool(hp.maximize), float(hp.grad_multiplier),
+                        bool(hp.stochastic_rounding), _group_seed(hp.seed, g) & ops.SEED_MASK, nthreads)
+            if fallback:
+                with torch.no_grad():
+                    self._torch.adam_(_subset_adam(segs, fallback), hp)
+            return
         groups: Dict[Tuple[torch.dtype, torch.dtype], List[int]] = {}
         fallback: List[int] = []
         for i, p in enumerate(segs.params):
@@ -146,6 +178,16 @@ class CpuBackend(Backend):
             else:
                 fallback.append(i)
         eager = bool(segs.params) and _eager(segs.params[0]) and _eager(segs.grads[0])
+        if eager and segs.reusable:
+            # laid out once, run by the fast path above from now on (and this time)
+            runs = []
+            for idx in groups.values():
+                pick = lambda ts: [ts[i] for i in idx] if ts is not None else []  # noqa: E731
+                job = ops.adam_plan(pick(segs.params), pick(segs.grads), pick(segs.exp_avgs),
+                                    pick(segs.exp_avg_sqs), pick(segs.max_exp_avg_sqs), pick(segs.masters))
+                runs.append((None if len(idx) == len(segs.params) else idx, job))
+            segs._cpu_plan = (tuple(map(_data_ptr, segs.params)), runs, fallback)
+            return self.adam_(segs, hp)
         with torch.no_grad():
             for g, idx in enumerate(groups.values()):
                 pick = lambda ts: [ts[i] for i in idx] if ts is not None else []  # noqa: E731

@@ -39,7 +39,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: dtypes the kernels accept for exp_avg / exp_avg_sq / max_exp_avg_sq
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 # seeds cross into C++ as uint64 through the int64 of the op schema
-_SEED_MASK = (1 << 63) - 1
+_SEED_MASK = SEED_MASK = (1 << 63) - 1
 
 
 def _loaded_openmp_runtime() -> str:
@@ -123,14 +123,17 @@ def _ptrs(ts: Sequence[Tensor]) -> List[int]:
 # accumulate
 
 
-def accumulate_impl(dst: Tensor, src: Tensor, alpha: float, want_sumsq: bool, check: bool = True) -> float:
-    """The kernel call behind the accumulate ops. ``check=False`` is for callers that have
-    already verified what :func:`_check` verifies (the cpu backend's routing does)."""
+def accumulate_impl(dst: Tensor, src: Tensor, alpha: float, want_sumsq: bool, check: bool = True,
+                    of_result: bool = False) -> float:
+    """The kernel call behind the accumulate ops: returns ``sum(src**2)`` when ``want_sumsq``,
+    ``sum(result**2)`` (of ``dst`` after the add) when ``of_result``, else 0 (fp64, same pass).
+    ``check=False`` is for callers that have already verified what :func:`_check` verifies
+    (the cpu backend's routing does)."""
     if check:
         _check(dst, "dst", (torch.float32,))
         _check(src, "src", tuple(DTYPE_CODES), dst.numel())
     return _C.accumulate(dst.data_ptr(), src.data_ptr(), DTYPE_CODES[src.dtype], dst.numel(), float(alpha),
-                         want_sumsq, torch.get_num_threads())
+                         2 if of_result else 1 if want_sumsq else 0, torch.get_num_threads())
 
 
 @torch.library.custom_op("fastaccum::accumulate_", mutates_args=("dst",), device_types="cpu")
@@ -166,6 +169,16 @@ def grad_norm_impl(buf: Tensor, check: bool = True) -> Tensor:
     s = _C.sumsq(buf.data_ptr(), buf.numel(), torch.get_num_threads())
     # sqrt in double, one rounding to fp32 (inf/nan stay inf/nan)
     return torch.tensor(math.sqrt(s), dtype=torch.float32)
+
+
+def sumsq_impl(xs: Sequence[Tensor], check: bool = True) -> float:
+    """``sum(x**2)`` over contiguous fp32 tensors, one fp64 total (non-finite when any element is)."""
+    if check:
+        for i, x in enumerate(xs):
+            _check(x, f"xs[{i}]", (torch.float32,))
+    if len(xs) == 1:
+        return _C.sumsq(xs[0].data_ptr(), xs[0].numel(), torch.get_num_threads())
+    return _C.sumsq_segs([x.data_ptr() for x in xs], [x.numel() for x in xs], torch.get_num_threads())
 
 
 @torch.library.custom_op("fastaccum::grad_norm", mutates_args=(), device_types="cpu")
@@ -251,6 +264,19 @@ def adam_impl(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, st
         eps=float(eps), weight_decay=float(weight_decay), decoupled=bool(decoupled), maximize=bool(maximize),
         grad_multiplier=float(grad_multiplier), stochastic_rounding=bool(stochastic_rounding),
         seed=int(seed) & _SEED_MASK, nthreads=torch.get_num_threads(),
+    )
+
+
+def adam_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters) -> "_C.AdamPlan":
+    """The pointers of an Adam update over these tensors, laid out once (``_C.AdamPlan``):
+    ``plan.run(steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
+    grad_multiplier, stochastic_rounding, seed, nthreads)`` updates them. The caller has
+    checked the tensors (as :func:`adam_impl` with ``check=True`` does) and keeps them alive
+    and in place while the plan is used."""
+    return _C.AdamPlan(
+        params=_ptrs(params), grads=_ptrs(grads), exp_avgs=_ptrs(exp_avgs), exp_avg_sqs=_ptrs(exp_avg_sqs),
+        max_exp_avg_sqs=_ptrs(max_exp_avg_sqs), masters=_ptrs(masters), numels=[p.numel() for p in params],
+        param_dtype=DTYPE_CODES[params[0].dtype], state_dtype=DTYPE_CODES[exp_avgs[0].dtype],
     )
 
 
