@@ -21,7 +21,8 @@ from .advice import Advice, advise, assess
 from .batch_scaling import beta_for_halflife, effective_batch_size, halflife_tokens, scale_betas
 from .buffers import GradView
 from .noise_scale import NoiseScaleEstimator
-from .optimizer import AccumOptimizer, ddp_comm_hook
+from .distributed import ddp_comm_hook
+from .optimizer import AccumOptimizer
 from .sgd import SGD
 from .scaling import LossScaler
 

@@ -15,13 +15,14 @@ from .batch_scaling import beta_for_halflife
 from .buffers import Bucket
 from .checks import (as_float, check_betas, check_nonneg, check_tensor_betas, check_tensor_lr, device_lr,
                      suggest_keywords)
-from .optimizer import AccumOptimizer, document_args
+from .arguments import document_args
+from .optimizer import AccumOptimizer
 from .scaling import LossScaleArg
 
 __all__ = ["Adam", "AdamW"]
 
 # The docstrings' entries for Adam's own arguments; torch's common ones and fastaccum's are in
-# fastaccum.optimizer.ARG_DOCS.
+# fastaccum.arguments.ARG_DOCS.
 _BETAS = ("tuple[float, float], optional", "decay rates (beta1, beta2) of the running averages of the gradient "
           "and of its square, each in [0, 1)")
 _EPS = ("float, optional", "term added to the denominator for numerical stability, > 0")

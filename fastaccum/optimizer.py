@@ -13,20 +13,21 @@ gradient overwrites them.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import math
-import textwrap
 import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .arguments import document_args
 from .backends import get_backend, resolve_backend
 from .buffers import Bucket, is_sharded, local
+from .checkpoint import CheckpointMixin
 from .checks import as_float, check_scalar_tensor
+from .distributed import DistributedMixin, check_param_kind, ddp_comm_hook
 from .noise_scale import NoiseScaleEstimator
 from .resident import ResidentStep
 from .scaling import LossScaler, LossScaleArg
@@ -35,7 +36,6 @@ from .window import AccumulationWindow, dist_world
 __all__ = ["AccumOptimizer", "ddp_comm_hook"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_STATE_FORMAT_VERSION = 1
 # consecutive skipped windows after which a run is told that it is not training
 _SKIP_WARN_AFTER = 10
 
@@ -48,7 +48,7 @@ _SKIP_WARN_AFTER = 10
 _OWNERS: Dict[int, "weakref.ref[AccumOptimizer]"] = {}
 
 
-class AccumOptimizer(torch.optim.Optimizer):
+class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
     """Base class: flat fp32 accumulation buckets, loss scaling, normalisation, clipping.
 
     Subclasses (one file per algorithm) give the per-group hyper-parameter checks
@@ -258,7 +258,7 @@ class AccumOptimizer(torch.optim.Optimizer):
         for p in tensors:
             if not isinstance(p, Tensor):
                 raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {type(p).__name__}")
-            _check_param_kind(p)
+            check_param_kind(p)
             if p.is_complex():
                 raise TypeError(f"fastaccum does not support complex parameters (got {p.dtype}); "
                                 "view them as real with torch.view_as_real")
@@ -724,55 +724,6 @@ class AccumOptimizer(torch.optim.Optimizer):
             self._norm_cache = (sq[0], sq[1])
         return self._norm_cache
 
-    def _check_replicas(self) -> None:
-        """bf16/fp16 replicas under DDP need our communication hook, or DDP reduces nothing."""
-        if self._ddp_hooked or dist_world() is None:
-            return
-        if any(b.low_precision and not b.sharded for b in self._buckets):
-            raise RuntimeError(
-                "fastaccum: bf16/fp16 parameters under torch.distributed accumulate into fp32 buffers that DDP does "
-                "not see, so it would average nothing and the replicas would drift apart. Register fastaccum's "
-                "communication hook, which all-reduces those buffers in fp32 while backward runs: "
-                "ddp_model.register_comm_hook(opt, fastaccum.ddp_comm_hook) (or keep fp32 parameters and use "
-                "torch.autocast, or shard them with FSDP2's fully_shard)"
-            )
-
-    def _ddp_reduce(self, gb: Any) -> "torch.futures.Future":
-        """DDP communication hook body (see :func:`ddp_comm_hook`)."""
-        self._ddp_hooked = True
-        buffer = gb.buffer()
-        if self.accumulation_steps > 1 and not self._window.sync_gradients:
-            # inside a managed window: nothing to reduce yet (DDP's bucket holds either
-            # local fp32 views, copied back unchanged, or zeros of released bf16 gradients)
-            done = torch.futures.Future()
-            done.set_result(buffer)
-            return done
-        ours: Dict[int, List[int]] = {}
-        others = False  # fp32 parameters, or parameters this optimizer does not own
-        for p in gb.parameters():
-            where = self._where.get(p)
-            if where is None or not self._buckets[where[0]].low_precision:
-                others = True
-            else:
-                ours.setdefault(where[0], []).append(where[1])
-        futures = []
-        copy_backs = []
-        for bi, idx in ours.items():
-            tensor, copy_back = self._buckets[bi].span_for_reduce(idx)
-            futures.append(self._window.mean_across_ranks_async(tensor))
-            if copy_back is not None:
-                copy_backs.append((copy_back, tensor))
-        if others:  # DDP's own bucket, reduced as DDP would (the bf16 parts hold zeros)
-            futures.append(self._window.mean_across_ranks_async(buffer))
-        self._norm_cache = None
-
-        def finish(_: Any) -> Tensor:
-            for copy_back, tensor in copy_backs:
-                copy_back(tensor)
-            return buffer
-
-        return torch.futures.collect_all(futures).then(finish)
-
     def _check_groups(self) -> None:
         checked = self.__dict__.setdefault("_checked_groups", {})
         for group in self.param_groups:
@@ -1026,261 +977,6 @@ class AccumOptimizer(torch.optim.Optimizer):
             bucket.steps[list(idx)] += 1
         getattr(bucket.backend, self._kernel)(*plan)
 
-    # ------------------------------------------------------------ state dict
-    def state_dict(self) -> Dict[str, Any]:
-        for b in self._buckets:  # a saved buffer holds the gradient as p.grad shows it
-            b.apply_scales()
-            b.own_external()
-        self._norm_cache = None
-        sd = super().state_dict()
-        if self._resident is not None:
-            # The device-resident step creates a parameter's state before the device knows
-            # whether the step is skipped; state that no update has used yet (step 0) is not
-            # state in torch's sense, so it is left out, as a host step would never create it.
-            steps = self._resident.steps.tolist()  # one read, as any checkpoint waits for the device
-            order = [p for g in self.param_groups for p in g["params"]]
-            for k in [k for k in sd["state"] if k < len(order)]:
-                bi, i = self._where[order[k]]
-                if steps[self._resident.slot(bi, i)] == 0:
-                    del sd["state"][k]
-        extra = {
-            "version": _STATE_FORMAT_VERSION,
-            "layout": [b.layout() for b in self._buckets],
-            # only mid-window buffers hold gradients; a checkpoint taken after a step (the
-            # usual case) does not carry 4 bytes/param of stale values
-            "grad_buffers": [b.grad if any(b.fresh) and not b.sharded else None for b in self._buckets],
-            "live": [list(b.live) for b in self._buckets],
-            "fresh": [list(b.fresh) for b in self._buckets],
-            **self._window.state_dict(),
-            "skipped_steps": self.skipped_steps,
-            "loss_scaler": self._scaler.state_dict() if self._scaler is not None else None,
-            "noise_scale": self._noise.state_dict() if self._noise is not None else None,
-        }
-        sharded = [b for b in self._buckets if b.sharded and b.grad is not None]
-        if not sharded:
-            sd["fastaccum"] = extra
-            return sd
-        # FSDP2. torch.distributed.checkpoint's helpers keep only "state" and "param_groups",
-        # save a plain tensor once (from one rank) and load into a state_dict of the same
-        # structure. So: every parameter's shard of the accumulation buffer is a state entry
-        # (a DTensor, always present), the window goes into the first param group, and this
-        # rank's weight sum becomes its element of a DTensor sharded over the ranks.
-        mesh = sharded[0].params[0].device_mesh
-        extra["weight_sum"] = _from_local(torch.tensor([self._window.weight_sum], dtype=torch.float64), mesh)
-        for name in ("live", "fresh"):  # per rank too: a rank whose shard of a parameter is empty differs
-            flags = [x for b in self._buckets for x in getattr(b, name)]
-            extra[name] = _from_local(torch.tensor([flags], dtype=torch.uint8).reshape(1, len(flags)), mesh)
-        if len(self._buckets) != len(sharded):
-            _mid_window_unsaved(self, "parameters that are not sharded by FSDP2")
-        elif self._window.micro_step and not any(any(b.fresh) for b in sharded):
-            _mid_window_unsaved(self, "FSDP2's unsharded gradients (set_requires_gradient_sync(False))")
-        index = {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        for b in sharded:
-            for i, p in enumerate(b.params):
-                if id(p) in index and index[id(p)] in sd["state"]:
-                    sd["state"][index[id(p)]]["accum_grad"] = b.wrapped(i, b.grad_views[i])
-        sd["param_groups"][0] = {**sd["param_groups"][0], "fastaccum": extra}
-        return sd
-
-    # Hyper-parameters every checkpoint of this algorithm has (older torch versions included);
-    # a group without them was saved by another optimizer. Other keys missing from an older
-    # checkpoint (maximize, foreach, decoupled_weight_decay...) take this optimizer's defaults.
-    _required_group_keys: Tuple[str, ...] = ("lr",)
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a fastaccum state_dict, or a ``torch.optim`` one of the same optimizer kind.
-
-        Everything is checked before anything changes: a refused state_dict leaves the
-        optimizer as it was. Unlike ``torch.optim``, state is not cast to the parameter
-        dtype: fp32 moments and master weights of bf16 parameters stay fp32.
-        """
-        state_dict = state_dict.copy()  # shallow, as torch.optim does
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        groups, placed, extra = self._validate_state_dict(state_dict)
-
-        # ---- nothing below raises on a validated state_dict
-        self._state_epoch += 1
-        self.param_groups = groups
-        for bucket in self._buckets:  # parameters without saved state start afresh
-            bucket.steps.zero_()
-            for flat in bucket.flat_state.values():
-                flat.zero_()
-        self.state.clear()
-        for p, (step, tensors) in placed.items():
-            bi, i = self._where[p]
-            bucket = self._buckets[bi]
-            spec = self._bucket_spec(bucket, self.param_groups[bucket.group_index])
-            state = self.state[p]
-            state["step"] = bucket.steps[i]
-            bucket.steps[i] = step
-            for name, dtype in spec.items():
-                view = bucket.allocate_state(name, dtype)[i]
-                if name in tensors:
-                    view.copy_(local(tensors[name]).reshape(view.shape))
-                elif name == "master_param":
-                    view.copy_(bucket.data(i).detach())
-                else:
-                    view.zero_()
-                state[name] = bucket.wrapped(i, view)
-            if "accum_grad" in tensors and bucket.grad is not None:  # FSDP2: this rank's shard of the buffer
-                bucket.grad_views[i].copy_(tensors["accum_grad"].reshape(bucket.grad_views[i].shape))
-        if extra is not None:
-            for b, buf, live, fresh in zip(self._buckets, extra["grad_buffers"], extra["live"], extra["fresh"]):
-                b.restore(buf, live, fresh)
-            self._window.load_state_dict(extra)
-            self.skipped_steps = int(extra["skipped_steps"])
-            if self._scaler is not None and extra["loss_scaler"] is not None:
-                self._scaler.load_state_dict(extra["loss_scaler"])
-            if self._noise is not None and extra.get("noise_scale") is not None:
-                self._noise.load_state_dict(extra["noise_scale"])
-        self._norm_cache = None
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _validate_state_dict(self, state_dict: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], Dict[Tensor, Any], Any]:
-        """Check a state_dict completely and resolve what loading it means, changing nothing.
-
-        Returns the new param groups, ``{param: (step, {state name: tensor})}`` with every
-        tensor already detached from this optimizer's own storage (loading our own
-        state_dict must not read what it is overwriting), and the fastaccum extra.
-        """
-        if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
-            raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups' entries")
-        saved_groups = copy.deepcopy(state_dict["param_groups"])
-        extra = state_dict.get("fastaccum")
-        for g in saved_groups:  # an FSDP2 checkpoint keeps it in the first param group
-            extra = g.pop("fastaccum", None) or extra
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, this optimizer has "
-                             f"{len(self.param_groups)}: it was saved for another parameter layout")
-        index_to_param: Dict[Any, Tensor] = {}
-        groups = []
-        for g, sg in zip(self.param_groups, saved_groups):
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError(f"a parameter group has {len(g['params'])} parameters here but "
-                                 f"{len(sg['params'])} in the state_dict: it was saved for another parameter layout")
-            missing = [k for k in self._required_group_keys if k not in sg]
-            if missing:
-                raise ValueError(f"the state_dict's parameter group lacks {missing}: it was saved by another kind "
-                                 f"of optimizer than {type(self).__name__}")
-            index_to_param.update(zip(sg["params"], g["params"]))
-            new = {**{k: v for k, v in self.defaults.items()}, **sg, "params": g["params"]}
-            if "param_names" in g and "param_names" not in sg:
-                new["param_names"] = g["param_names"]
-            try:
-                self._check_group(new)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"the state_dict's parameter group is invalid: {e}") from e
-            groups.append(new)
-        own = self._own_storages()
-        placed: Dict[Tensor, Any] = {}
-        for key, st in state_dict["state"].items():
-            p = index_to_param.get(key)
-            if p is None:
-                raise ValueError(f"state_dict has state for parameter index {key!r}, which no group names")
-            if not isinstance(st, dict):
-                raise ValueError(f"the state of parameter {key!r} is a {type(st).__name__}, expected a dict")
-            bi, i = self._where[p]
-            bucket = self._buckets[bi]
-            spec = self._bucket_spec(bucket, groups[bucket.group_index])
-            tensors: Dict[str, Tensor] = {}
-            for name, v in st.items():
-                if name == "step" or v is None:
-                    continue  # torch.optim.SGD keeps momentum_buffer=None for momentum 0
-                if name not in spec and name != "accum_grad":  # accum_grad: FSDP2's shard of the buffer
-                    raise ValueError(f"state_dict has state {name!r} for parameter {key!r}, which "
-                                     f"{type(self).__name__} with these hyper-parameters does not keep (it keeps "
-                                     f"{sorted(spec)}): it was saved by another kind of optimizer")
-                if not isinstance(v, Tensor) or v.numel() != p.numel():
-                    raise ValueError(f"state {name!r} has {getattr(v, 'numel', lambda: '?')()} elements but its "
-                                     f"parameter has {p.numel()} (shape {tuple(p.shape)}): the state_dict was saved "
-                                     "for another parameter layout")
-                if v.is_complex() or not v.is_floating_point():
-                    raise ValueError(f"state {name!r} of parameter {key!r} has dtype {v.dtype}; expected floating point")
-                if v.device.type == "meta":
-                    raise ValueError(f"state {name!r} of parameter {key!r} is on the meta device (it has no data)")
-                v = local(v)  # FSDP2: this rank's shard
-                tensors[name] = v.detach().clone() if _storage_key(v) in own else v.detach()
-            if "step" in st:
-                try:
-                    step = as_float("step", st["step"])
-                except (TypeError, ValueError) as e:
-                    raise ValueError(f"the step of parameter {key!r} is invalid: {e}") from None
-                if not (math.isfinite(step) and step >= 0 and step == int(step)):
-                    raise ValueError(f"the step of parameter {key!r} is {step}; it must be a whole number >= 0")
-            else:
-                # torch.optim.SGD keeps no step: a saved momentum buffer means at least one
-                # step was taken, so the next one must not restart the momentum from the gradient
-                step = 1.0 if tensors else 0.0
-            placed[p] = (step, tensors)
-        if extra is not None:
-            extra = self._validate_extra(self._local_extra(extra), own)
-        return groups, placed, extra
-
-    def _local_extra(self, extra: Any) -> Any:
-        """An FSDP2 checkpoint keeps per-rank values as DTensors (one element per rank): this rank's."""
-        if not isinstance(extra, dict) or not isinstance(extra.get("weight_sum"), Tensor):
-            return extra
-        flags = {}
-        for name in ("live", "fresh"):
-            values = [bool(x) for x in local(extra[name]).reshape(-1).tolist()]
-            flags[name] = [values[sum(len(b.params) for b in self._buckets[:k]):][: len(b.params)]
-                           for k, b in enumerate(self._buckets)]
-        return {**extra, **flags, "weight_sum": float(local(extra["weight_sum"]).reshape(-1)[0])}
-
-    def _validate_extra(self, extra: Any, own: set) -> Dict[str, Any]:
-        if not isinstance(extra, dict):
-            raise ValueError(f"the state_dict's 'fastaccum' entry is a {type(extra).__name__}, expected a dict")
-        needed = ("layout", "grad_buffers", "live", "fresh", "skipped_steps", "loss_scaler")
-        missing = [k for k in needed if k not in extra]
-        if missing:
-            raise ValueError(f"the state_dict's 'fastaccum' entry lacks {missing}: it is corrupt")
-        layout = [b.layout() for b in self._buckets]
-        if not isinstance(extra["layout"], (list, tuple)) or [list(x) for x in extra["layout"]] != layout:
-            raise ValueError("the state_dict's accumulation buffers were saved for another parameter layout "
-                             f"(saved {extra['layout']}, here {layout})")
-        n = len(self._buckets)
-        for key in ("grad_buffers", "live", "fresh"):
-            if not isinstance(extra[key], (list, tuple)) or len(extra[key]) != n:
-                raise ValueError(f"the state_dict's {key!r} must be a list with one entry per bucket ({n}), got "
-                                 f"{extra[key]!r:.80}: the checkpoint is corrupt")
-        for b, buf, live, fresh in zip(self._buckets, extra["grad_buffers"], extra["live"], extra["fresh"]):
-            b.check_saved(buf, live, fresh)
-        self._window.check_state(extra)
-        sk = extra["skipped_steps"]
-        if isinstance(sk, bool) or not isinstance(sk, int) or sk < 0:
-            raise ValueError(f"the state_dict's skipped_steps is {sk!r}; it must be an int >= 0")
-        if extra["loss_scaler"] is not None:
-            LossScaler.check_state(extra["loss_scaler"])
-        if extra.get("noise_scale") is not None:
-            NoiseScaleEstimator().load_state_dict(extra["noise_scale"])  # raises on a corrupt entry
-        mid_window = bool(extra["weighted"]) or any(any(f) for f in extra["fresh"])
-        if mid_window and bool(extra["weighted"]) and (extra["loss_scaler"] is None) != (self._scaler is None):
-            # the saved partial gradients carry the saved loss scale: read with another one
-            # they would be applied 65536x too large (or small)
-            raise ValueError(
-                "the state_dict was saved in the middle of an accumulation window with "
-                f"loss_scale={'None' if extra['loss_scaler'] is None else 'set'}, but this optimizer has "
-                f"loss_scale={'None' if self._scaler is None else 'set'}: resume with the same loss_scale "
-                "setting, or save the checkpoint at a window boundary")
-        extra = dict(extra)
-        extra["grad_buffers"] = [
-            None if buf is None else (buf.detach().clone() if _storage_key(buf) in own else buf.detach())
-            for buf in extra["grad_buffers"]
-        ]
-        return extra
-
-    def _own_storages(self) -> set:
-        own = set()
-        for b in self._buckets:
-            for t in (b.grad, b.steps, *b.flat_state.values()):
-                if t is not None:
-                    own.add(_storage_key(t))
-        return own
-
     # ------------------------------------------------------------ copy / pickle
     def __getstate__(self) -> Dict[str, Any]:
         # Everything (buffers, window, scaler, buckets) travels, so that a deep copy or a
@@ -1312,66 +1008,6 @@ class AccumOptimizer(torch.optim.Optimizer):
             bucket.restore(None, bucket.live, bucket.fresh)
 
 
-def _from_local(t: Tensor, mesh: Any) -> Tensor:
-    """``t`` as this rank's shard of a DTensor over ``mesh`` (one element per rank)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    return DTensor.from_local(t, mesh, [Shard(0)], run_check=False)
-
-
-def _mid_window_unsaved(opt: "AccumOptimizer", where: str) -> None:
-    if opt._window.micro_step:
-        warnings.warn(
-            f"fastaccum: state_dict() inside an accumulation window (micro-batch {opt._window.micro_step} of "
-            f"{opt.accumulation_steps}) does not hold the gradients kept in {where}; a run resumed from it "
-            "would lose them. Checkpoint when opt.micro_step == 0, or let FSDP2 reduce-scatter every "
-            "micro-batch (the partial sums then live in fastaccum's sharded buffers)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-def _check_param_kind(p: Tensor) -> None:
-    """Parameters fastaccum can own: plain tensors (one device, DDP replicas) and FSDP2's
-    shards (a DTensor sharded on a 1-D mesh over all ranks). Other DTensor layouts (tensor
-    parallel, HSDP's 2-D mesh, replicated or partial placements) would need the norm and the
-    skip decision reduced over other groups: refused here, before anything is registered.
-    One function on purpose: the kinds of parameter fastaccum takes are decided here only."""
-    if p.is_meta:
-        raise ValueError(f"a parameter of shape {tuple(p.shape)} is on the meta device (it has no data): "
-                         "materialise the model (e.g. model.to_empty(device=...) and initialise it) before "
-                         "creating the optimizer")
-    if not is_sharded(p):
-        return
-    mesh, placements = p.device_mesh, p.placements
-    fsdp_like = (
-        mesh.ndim == 1 and len(placements) == 1 and placements[0].is_shard()
-        and torch.distributed.is_initialized() and mesh.size() == torch.distributed.get_world_size()
-    )
-    if not fsdp_like:
-        raise ValueError(
-            f"fastaccum supports DTensor parameters sharded by FSDP2 (fully_shard on a 1-D mesh over all ranks); "
-            f"got a parameter of shape {tuple(p.shape)} with placements {tuple(placements)} on a mesh of shape "
-            f"{tuple(mesh.shape)}. Tensor parallel, HSDP and other layouts are not supported yet: use "
-            "torch.optim for them, or fully_shard over a 1-D mesh of all ranks"
-        )
-
-
-def ddp_comm_hook(state, bucket):  # no annotations: DDP checks them against dist.GradBucket
-    """DDP communication hook that all-reduces fastaccum's fp32 buffers, once per window.
-
-    ``ddp_model.register_comm_hook(opt, fastaccum.ddp_comm_hook)``: DDP calls it for each
-    bucket as soon as backward has produced the bucket's gradients (so communication still
-    overlaps backward). For the bf16/fp16 parameters ``opt`` owns, the fp32 accumulation
-    buffer (already holding this micro-batch's gradient) is averaged across ranks in fp32 —
-    never a bf16 gradient; other parameters in the bucket (fp32, or not owned by ``opt``)
-    are averaged in DDP's bucket as DDP does by default. Inside a managed window
-    (``accumulation_steps > 1``) nothing is sent until the window's last micro-batch,
-    ``no_sync()`` or not. The default process group is used (that of DDP by default).
-    """
-    return state._ddp_reduce(bucket)
-
-
 def _make_hook(ref: "weakref.ref[AccumOptimizer]", bi: int, i: int) -> Callable[[Tensor], None]:
     # The hook holds the optimizer weakly: a dropped optimizer frees its buffers.
     def hook(p: Tensor) -> None:
@@ -1397,86 +1033,6 @@ def _release(handles: List[Any], buckets: List[Bucket]) -> None:
             ref = _OWNERS.get(id(p))
             if ref is not None and ref() is None:
                 del _OWNERS[id(p)]
-
-
-def _storage_key(t: Tensor) -> Tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
-
-
-# ------------------------------------------------------------------ docstrings
-# (type, meaning) of the constructor arguments the optimizers share: torch's common ones and
-# fastaccum's own. An algorithm adds its own to :func:`document_args`; defaults are read from
-# the signature, so the docstring cannot disagree with it.
-ARG_DOCS: Dict[str, Tuple[str, str]] = {
-    "params": ("iterable", "the parameters to optimize: tensors, (name, tensor) pairs from "
-               "model.named_parameters(), or dicts defining parameter groups (a dict's keys override the "
-               "hyper-parameters below for its group)"),
-    "defaults": ("dict", "the algorithm's hyper-parameters, the defaults of every param group"),
-    "lr": ("float or Tensor, optional", "learning rate (a one-element tensor is accepted, as in torch)"),
-    "maximize": ("bool, optional", "maximize the objective instead of minimizing it"),
-    "foreach": ("bool, optional", "accepted for drop-in use and ignored: the update is always fused"),
-    "fused": ("bool, optional", "accepted for drop-in use and ignored: the update is always fused"),
-    "capturable": ("bool, optional", "True promises that opt.step() can be captured in a CUDA graph; accepted "
-                   "when the optimizer runs the device-resident step (backend 'triton' on one CUDA device), "
-                   "refused otherwise. That step keeps every decision on the device either way"),
-    "differentiable": ("bool, optional", "only False is accepted: the step runs without autograd"),
-    "accumulation_steps": ("int, optional", "micro-batches per update. 1 steps on every step() call, as "
-                           "torch.optim does (the classic loop: divide the loss yourself, call step() every N-th "
-                           "micro-batch). N > 1 is the managed loop: call opt.backward(loss, weight=...), step() and "
-                           "zero_grad() on every micro-batch; every N-th step() updates with the weighted mean "
-                           "gradient of the window, the others return without touching the parameters"),
-    "max_grad_norm": ("float, optional", "clip the global L2 norm of the gradient (over all param groups, after "
-                      "unscaling and normalisation) to this value, fused into the step; None does not clip"),
-    "loss_scale": ("None, float or 'dynamic', optional", "loss scale for fp16 training: a fixed factor, or "
-                   "'dynamic' with torch.amp.GradScaler's defaults (2**16, doubled after 2000 clean steps, halved "
-                   "on overflow). opt.backward() and opt.scale_loss() multiply the loss by it and the step divides "
-                   "it out; a window whose gradients hold inf/nan is skipped (opt.skipped_steps)"),
-    "master_weights": ("bool, optional", "keep an fp32 master copy of bf16/fp16 parameters in the state. False "
-                       "(bf16 only) writes the update back with stochastic rounding instead, 4 bytes less per "
-                       "parameter"),
-    "state_dtype": ("torch.dtype, optional", "dtype of the moments (exp_avg, exp_avg_sq): torch.float32, or "
-                    "torch.bfloat16 (math in fp32, stochastic rounding on store, 4 bytes less per moment)"),
-    "backend": ("str, optional", "the kernels that run the buckets. 'auto' (or None) picks, per device, the "
-                "fastest backend that loads ('triton' on CUDA, 'cpu' on CPU, else 'torch'; the environment "
-                "variable FASTACCUM_BACKEND overrides it); a name ('torch', 'cpu', 'triton') requires that "
-                "backend and raises with the reason when it cannot run. opt.backends says which backend each "
-                "param group got"),
-    "step_in_backward": ("bool, optional", "update each parameter in its gradient hook during backward, so no "
-                         "gradient outlives its parameter's backward and no accumulation buffer is kept; "
-                         "global clipping (max_grad_norm) and a dynamic loss scale are refused with it"),
-    "track_noise_scale": ("bool, optional", "estimate the gradient noise scale (McCandlish et al. 2018) from the "
-                          "accumulation itself, reported by opt.stats() and read by fastaccum.advise(opt); costs "
-                          "one read of the first micro-batch's gradient per window for fp32 parameters"),
-}
-
-_Cls = TypeVar("_Cls", bound=type)
-
-
-def document_args(own: Dict[str, Tuple[str, str]]) -> Callable[[_Cls], _Cls]:
-    """Class decorator: append to the class docstring an ``Args:`` section, laid out as
-    torch.optim's, with one entry per argument of its ``__init__`` in signature order
-    (``own`` first, then :data:`ARG_DOCS`). An argument found in neither is left out, and
-    ``tests/test_introspection.py`` fails until it is documented."""
-
-    def decorate(cls: _Cls) -> _Cls:
-        lines = ["", "Args:"]
-        for name, p in list(inspect.signature(cls.__init__).parameters.items())[1:]:
-            if name not in own and name not in ARG_DOCS:
-                continue
-            kind, text = own.get(name) or ARG_DOCS[name]
-            if p.default is not inspect.Parameter.empty:  # kept on one line: a no-break space
-                text += f" (default:\xa0{_default_text(p.default)})"
-            lines += [line.replace("\xa0", " ") for line in textwrap.wrap(
-                f"{name} ({kind}): {text}", width=96, initial_indent="    ", subsequent_indent="        ",
-                break_long_words=False, break_on_hyphens=False)]
-        cls.__doc__ = inspect.cleandoc(cls.__doc__ or "") + "\n" + "\n".join(lines) + "\n"
-        return cls
-
-    return decorate
-
-
-def _default_text(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
 
 
 document_args({})(AccumOptimizer)

@@ -12,14 +12,15 @@ from torch import Tensor
 from .backends import SGDHyper, SGDSegments
 from .buffers import Bucket
 from .checks import as_float, check_nonneg, check_tensor_lr, device_lr, suggest_keywords
-from .optimizer import AccumOptimizer, document_args
+from .arguments import document_args
+from .optimizer import AccumOptimizer
 from .scaling import LossScaleArg
 
 __all__ = ["SGD"]
 
 
 # The docstring's entries for SGD's own arguments; torch's common ones and fastaccum's are in
-# fastaccum.optimizer.ARG_DOCS.
+# fastaccum.arguments.ARG_DOCS.
 _SGD_ARGS = {
     "momentum": ("float, optional", "momentum factor (0 keeps no momentum buffer)"),
     "dampening": ("float, optional", "dampening of the momentum"),
