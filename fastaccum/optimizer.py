@@ -165,6 +165,19 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
                     "host: backend='triton' (or 'auto') with every parameter on one CUDA device, contiguous, "
                     "not float64, not FSDP2-sharded, and step_in_backward=False"
                 )
+            if self.max_grad_norm is None and dist_world() is not None and any(
+                b.low_precision and not any(b.grad_viewed) for b in self._buckets if b.grad is not None
+            ):
+                # across ranks bf16/fp16 gradients are released in the hook (DDP's reducer owns
+                # p.grad): a trainer's own clip_grad_norm_ would see no gradient and clip nothing
+                warnings.warn(
+                    "fastaccum: under torch.distributed, bf16/fp16 parameters keep their gradient in fastaccum's "
+                    "fp32 buffers and p.grad stays None, so a trainer's clip_grad_norm_ (HF Trainer's "
+                    "max_grad_norm, Lightning's gradient_clip_val) sees no gradient and clips nothing: pass "
+                    "max_grad_norm= to the optimizer instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         except BaseException:
             _release(self._hook_handles, self._buckets)
             raise

@@ -4,6 +4,7 @@ all-reduces the fp32 accumulation buffer, once per window, in fp32.
 One spawn runs every scenario; the tests read what the ranks wrote.
 """
 import os
+import warnings
 import sys
 
 import pytest
@@ -79,7 +80,10 @@ def _fp32_reduction_run():
 def _no_hook_error():
     model = _Scaled()
     ddp = DDP(model)
-    opt = fastaccum.SGD(ddp.parameters(), lr=1.0, backend="torch")
+    with warnings.catch_warnings(record=True) as caught:  # no max_grad_norm: trainers' clips would see nothing
+        warnings.simplefilter("always")
+        opt = fastaccum.SGD(ddp.parameters(), lr=1.0, backend="torch")
+    _no_hook_error.warned = any("clips nothing" in str(w.message) for w in caught)
     ddp(torch.tensor(1.0)).backward()
     try:
         opt.step()
@@ -97,6 +101,7 @@ def _worker(rank, init_file, out_dir):
         "fp32_reduction": _fp32_reduction_run(),
         "no_hook": _no_hook_error(),
     }
+    out["warned_without_clip"] = _no_hook_error.warned
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -144,6 +149,10 @@ def test_ddp_bf16_reduction_is_fp32(ranks):
     assert torch.tensor(mean32).to(torch.bfloat16).item() == 0.5  # what a bf16 reduction would give
     for r in range(WORLD):
         torch.testing.assert_close(ranks[r]["fp32_reduction"], torch.full((4,), -2 * mean32), rtol=0, atol=0)
+
+
+def test_trainer_clipping_that_would_see_nothing_is_warned_about(ranks):
+    assert all(ranks[r]["warned_without_clip"] for r in range(WORLD))
 
 
 def test_ddp_bf16_without_the_hook_is_an_error_not_a_no_op(ranks):
