@@ -4,8 +4,8 @@ all-reduces the fp32 accumulation buffer, once per window, in fp32.
 One spawn runs every scenario; the tests read what the ranks wrote.
 """
 import os
-import warnings
 import sys
+import warnings
 
 import pytest
 import torch
