@@ -61,7 +61,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 
 
 def _is_cpu_contig(t: Optional[Tensor], dtypes: Sequence[torch.dtype], numel: int) -> bool:
-    """What fastaccum.ops checks before a pointer goes to C++ (kept cheap: it runs per tensor)."""
+    """What ops.py checks before a pointer goes to C++ (kept cheap: it runs per tensor)."""
     return t is not None and t.is_cpu and t.dtype in dtypes and t.is_contiguous() and t.numel() == numel
 
 

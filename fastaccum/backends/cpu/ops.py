@@ -34,7 +34,7 @@ from . import _C
 
 __all__ = ["DTYPE_CODES", "STATE_DTYPES", "accumulate_", "accumulate_sumsq_", "grad_norm", "adam_", "sgd_"]
 
-#: dtype codes understood by fastaccum._C (csrc/kernels.h, enum DType)
+#: dtype codes understood by _C (csrc/kernels.h, enum DType)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: dtypes the kernels accept for exp_avg / exp_avg_sq / max_exp_avg_sq
 STATE_DTYPES = (torch.float32, torch.bfloat16)
