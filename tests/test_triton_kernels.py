@@ -517,3 +517,23 @@ def test_no_host_sync_in_a_step(monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert steps.tolist() == [3.0 if DEVICE == "cuda" else 2.0] * 148
+
+
+# ------------------------------------------------------------------ torch.library ops
+def test_custom_ops_opcheck():
+    """sumsq and finalize pass every opcheck (schema, fake tensors, AOT dispatch). The update op
+    passes schema and fake-tensor checks only: it reaches the parameters through the table's
+    addresses, so functionalisation (which would hand it clones) cannot be honoured; under
+    torch.compile it must run on the real tensors (the caller keeps the step out of
+    functionalised graphs, or rebuilds the table from the tensors it is given)."""
+    K.register_ops()
+    ps = [torch.randn(5, device=DEVICE), torch.randn(40, device=DEVICE)]
+    t = K.SegmentTable.build(ps, [0, 16], [5, 40], [0, 1], [True, True], [0, 1])
+    grad, parts = torch.randn(64, device=DEVICE), torch.zeros(t.n_tiles, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastaccum.bucket_sumsq, (t.segs, t.tiles, grad, parts, 0))
+    w, steps, idx = K.new_window_state(DEVICE), torch.zeros(2, device=DEVICE), torch.tensor([0, 1], device=DEVICE)
+    torch.library.opcheck(torch.ops.fastaccum.finalize, (parts, w, steps, idx, 2.0, 1.0, True, False, 2.0, 0.5, 2000))
+    m, v = torch.zeros(64, device=DEVICE), torch.zeros(64, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastaccum.bucket_adam,
+                          (ps, t.segs, t.tiles, grad, m, v, None, None, steps, w, 1e-3, 0.9, 0.999, 1e-8, 0.0, True,
+                           False, 1), test_utils=("test_schema", "test_faketensor"))
