@@ -55,7 +55,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import fastaccum
 
@@ -580,6 +580,14 @@ def measure_activations(model: Any, make_input: Callable[[int], Any], device: An
         slope = max((m2 - m1) / (b2 - b1), m2 / b2 if b2 else 0.0, 0.0)
         return m2 + slope * (b - b2) + 0.10 * limit
 
+    def run(b: int, pred: Optional[float]) -> bool:
+        """Measure batch ``b`` and record it; True when it fitted."""
+        peak = one(b)
+        ok = peak is not None and peak <= limit
+        runs.append({"batch": b, "activation_bytes": peak, "total_bytes": None if peak is None else peak + static_bytes,
+                     "ok": ok, "predicted_bytes": pred})
+        return ok
+
     one(1)  # untimed warm-up: allocates .grad (kept, as in training) and lazy state
     b, bad = 1, None
     while b <= max_batch and len(runs) < max_runs:
@@ -587,11 +595,7 @@ def measure_activations(model: Any, make_input: Callable[[int], Any], device: An
         if pred is not None and pred > limit:
             bad = b
             break
-        peak = one(b)
-        ok = peak is not None and peak <= limit
-        runs.append({"batch": b, "activation_bytes": peak, "total_bytes": None if peak is None else peak + static_bytes,
-                     "ok": ok, "predicted_bytes": pred})
-        if not ok:
+        if not run(b, pred):
             bad = b
             break
         b *= 2
@@ -605,11 +609,7 @@ def measure_activations(model: Any, make_input: Callable[[int], Any], device: An
         if pred is not None and pred > limit:
             hi = mid
             continue
-        peak = one(mid)
-        ok = peak is not None and peak <= limit
-        runs.append({"batch": mid, "activation_bytes": peak, "total_bytes": None if peak is None else peak + static_bytes,
-                     "ok": ok, "predicted_bytes": pred})
-        if ok:
+        if run(mid, pred):
             lo = mid
         else:
             hi = mid
