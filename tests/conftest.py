@@ -79,3 +79,20 @@ def assert_params_close(model_a, model_b, rtol: float, atol: float) -> None:
 def _no_backend_env(monkeypatch):
     # tests choose backends explicitly; a developer's FASTACCUM_BACKEND must not leak in
     monkeypatch.delenv("FASTACCUM_BACKEND", raising=False)
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The names of the bucket kernels launched from now on (every launch goes through
+    ``triton_kernels._launch``), in order."""
+    from fastaccum.backends import triton_kernels as K
+
+    names = []
+    real = K._launch
+
+    def counting(spec, grid, *args, **kw):
+        names.append(spec.kernel.fn.__name__ if hasattr(spec.kernel, "fn") else str(spec.kernel))
+        return real(spec, grid, *args, **kw)
+
+    monkeypatch.setattr(K, "_launch", counting)
+    return names

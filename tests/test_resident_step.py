@@ -15,7 +15,6 @@ import fastaccum
 from conftest import assert_params_close, assert_state_close
 
 pytest.importorskip("triton")
-from fastaccum.backends import triton_kernels as K  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -80,19 +79,7 @@ def test_resident_step_matches_torch_backend(dtype):
     assert_state_close(oa, ob, **tol)
 
 
-def _count_launches(monkeypatch):
-    names = []
-    real = K._launch
-
-    def counting(spec, grid, *args, **kw):
-        names.append(spec.kernel.fn.__name__ if hasattr(spec.kernel, "fn") else str(spec.kernel))
-        return real(spec, grid, *args, **kw)
-
-    monkeypatch.setattr(K, "_launch", counting)
-    return names
-
-
-def test_launches_per_step_do_not_grow_with_tensors(monkeypatch):
+def test_launches_per_step_do_not_grow_with_tensors(request):
     model = gpt2_like()
     assert len(list(model)) == 148
     opt = fastaccum.AdamW(groups(model), lr=1e-3, backend="triton", max_grad_norm=1.0, accumulation_steps=2)
@@ -101,7 +88,7 @@ def test_launches_per_step_do_not_grow_with_tensors(monkeypatch):
     for k in range(2):  # first window: state allocation happens here
         opt.backward(fake_loss(model, k))
         opt.step()
-    names = _count_launches(monkeypatch)
+    names = request.getfixturevalue("triton_launches")  # counted from here on
     opt.backward(fake_loss(model, 5))
     opt.step()
     assert names == [], "a micro-step inside the window launches nothing"

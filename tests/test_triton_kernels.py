@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 import fastaccum  # noqa: E402
 from fastaccum.backends import AdamHyper, AdamSegments, SGDHyper, SGDSegments  # noqa: E402
 from fastaccum.backends import triton_kernels as K  # noqa: E402
-from fastaccum.reference import adam_math, sgd_math  # noqa: E402
+from fastaccum.reference import adam_math  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TORCH = fastaccum.get_backend("torch")
@@ -462,16 +462,9 @@ def _prepared():
     return buckets, tables, bs, steps
 
 
-def test_launch_count_148_tensors_two_buckets(monkeypatch):
+def test_launch_count_148_tensors_two_buckets(request):
     buckets, tables, bs, steps = _prepared()
-    launches = []
-    real = K._launch
-
-    def counting(spec, grid, *args, **kw):
-        launches.append(spec.kernel.fn.__name__ if hasattr(spec.kernel, "fn") else str(spec.kernel))
-        return real(spec, grid, *args, **kw)
-
-    monkeypatch.setattr(K, "_launch", counting)
+    launches = request.getfixturevalue("triton_launches")  # counted from here on
     _one_bucket_step(buckets, bs, steps, tables)
     assert len(launches) <= 2 * len(buckets) + 1, launches
     assert steps.tolist() == [1.0] * 148
