@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -229,6 +228,24 @@ def torch_step_row(name: str, params, grads, zero: bool = False, **kw) -> Row:
     return Row(name, run, prepare, note="opt.step()" + (" + zero_grad(set_to_none=False)" if zero else ""))
 
 
+
+def torch_recipe_window(params, gsets, accum: int) -> Callable[[], None]:
+    """The torch recipe for one accumulation window: GradScaler-scaled ``loss / accum``
+    backward per micro-batch, then unscale_, clip_grad_norm_, fused AdamW, update, zero_grad."""
+    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+
+    def run() -> None:
+        for k in range(accum):
+            scaler.scale(harness.simulated_loss(params, gsets[k % 2]) / accum).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+
+    return run
+
 def test_a_step_fp32(benchmark):
     """(a) step alone, fp32: fastaccum cpu vs torch fused / foreach and the streaming bound."""
     params = make_params(torch.float32)
@@ -353,17 +370,7 @@ def test_c_full_cycle_bf16(benchmark):
             opt.zero_grad()
 
     gsets32 = [[g.float() for g in gs] for gs in gsets]
-    topt = torch.optim.AdamW(p32, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
-    scaler = torch.amp.GradScaler("cpu")
-
-    def t_run():
-        for k in range(ACCUM):
-            scaler.scale(harness.simulated_loss(p32, gsets32[k % 2]) / ACCUM).backward()
-        scaler.unscale_(topt)
-        torch.nn.utils.clip_grad_norm_(p32, MAX_NORM)
-        scaler.step(topt)
-        scaler.update()
-        topt.zero_grad()
+    t_run = torch_recipe_window(p32, gsets32, ACCUM)
 
     # produce: read g_micro + write the fresh gradient (4 per micro-batch for bf16); fastaccum
     # bf16: the first micro-batch overwrites the stale buffer (2 + 4), the others add (10),
@@ -463,17 +470,7 @@ def test_f_window_fp32(benchmark):
             opt.zero_grad()
 
     tparams = clone_params(params)
-    topt = torch.optim.AdamW(tparams, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
-    scaler = torch.amp.GradScaler("cpu")
-
-    def t_run():
-        for k in range(accum):
-            scaler.scale(harness.simulated_loss(tparams, gsets[k % 2]) / accum).backward()
-        scaler.unscale_(topt)
-        torch.nn.utils.clip_grad_norm_(tparams, MAX_NORM)
-        scaler.step(topt)
-        scaler.update()
-        topt.zero_grad()
+    t_run = torch_recipe_window(tparams, gsets, accum)
 
     # produce 8/micro-batch for both; fastaccum: copy into the stale buffer (4 + 4), adds
     # (12 each), the last one with the norm, step 28; torch: adds 12, step stage 48
