@@ -13,6 +13,7 @@ gradient overwrites them.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -20,6 +21,7 @@ import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 
 from .arguments import document_args
@@ -46,6 +48,25 @@ _SKIP_WARN_AFTER = 10
 # torch.utils.swap_tensors (model.to(...) with swapping). An id cannot be reused while its
 # optimizer lives (it holds the parameter); dead entries are dropped by _release.
 _OWNERS: Dict[int, "weakref.ref[AccumOptimizer]"] = {}
+
+
+def _step_wrapper(step: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.optim wraps every ``step`` to run the step pre/post hooks and to label it for
+    the profiler; its ``record_function`` costs a few microseconds per step even with no
+    profiler running. This runs torch's own wrapper whenever a hook is registered or a
+    profiler is on, and the plain step otherwise (``hooked``: torch then leaves it as is)."""
+    hooked = torch.optim.Optimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self: "AccumOptimizer", *args: Any, **kwargs: Any) -> Any:
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks
+                or torch._C._autograd._profiler_enabled()):
+            return hooked(self, *args, **kwargs)
+        return step(self, *args, **kwargs)
+
+    wrapper.hooked = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
@@ -646,7 +667,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             bucket.clear(set_to_none)
         self._end_window()
 
-    @torch.no_grad()
+    @_step_wrapper
     def step(self, closure: Optional[Callable[[], Any]] = None, *, grad_scale: Optional[Tensor] = None,
              found_inf: Optional[Tensor] = None) -> Any:
         """Count a micro-batch; on the last one of the window, update every parameter.
@@ -654,6 +675,15 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         ``grad_scale``/``found_inf`` are what ``torch.amp.GradScaler`` provides (it sets them
         as attributes when driving this optimizer); they are folded into the same update.
         """
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad(), without its context object per call
+        try:
+            return self._step(closure, grad_scale, found_inf)
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
+
+    def _step(self, closure: Optional[Callable[[], Any]], grad_scale: Optional[Tensor],
+              found_inf: Optional[Tensor]) -> Any:
         if self._taken_over:
             raise RuntimeError("a newer fastaccum optimizer was created over some of this optimizer's parameters "
                                "and took them over (only one can own their gradient buffers): step the newer "
@@ -947,11 +977,13 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
     ) -> Tuple[Any, Any]:
         """The kernel's (segments, hyper-parameters); changes no parameter and no step count."""
         group = self.param_groups[bucket.group_index]
-        steps = bucket.steps.tolist()
         segs = self._cached_segments(bucket, idx, grads)
-        if segs is not None:
-            segs.steps = [int(s) + 1 for s in steps]
+        if segs is not None and bucket.backend.counts_steps and hasattr(segs, "step_counts"):
+            segs.step_counts = bucket.steps  # the backend adds one to each count (_run_bucket does not)
+        elif segs is not None:
+            segs.steps = [int(s) + 1 for s in bucket.steps.tolist()]
         else:
+            steps = bucket.steps.tolist()
             views = self._prepare_state(bucket, idx)
             segs = self._segments(
                 bucket, idx, views,
@@ -984,7 +1016,9 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         return segs
 
     def _run_bucket(self, bucket: Bucket, idx: Sequence[int], plan: Tuple[Any, Any]) -> None:
-        if len(idx) == len(bucket.params):
+        if getattr(plan[0], "step_counts", None) is not None:
+            pass  # counted by the backend, once its update has run
+        elif len(idx) == len(bucket.params):
             bucket.steps += 1
         else:
             bucket.steps[list(idx)] += 1
