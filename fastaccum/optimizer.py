@@ -18,6 +18,7 @@ import inspect
 import math
 import warnings
 import weakref
+from itertools import repeat
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -772,8 +773,8 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         for group in self.param_groups:
             # a group whose values are the ones checked last step (same numbers, no tensors)
             # is valid: a scheduler changing lr makes one check, not one per parameter
-            values = tuple(v for k, v in group.items() if k != "params")
-            if any(isinstance(v, Tensor) for v in values):
+            values = tuple([v for k, v in group.items() if k != "params"])
+            if any(map(isinstance, values, repeat(Tensor))):
                 values = None
             elif checked.get(id(group)) == values:
                 continue
