@@ -454,18 +454,20 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
                 self._norm_cache = None
                 # a gradient assigned by hand was never measured: this window's micro-batch
                 # reports no longer describe the buffer
-                self._window.noise_sums = [0.0, 0.0, 0.0]
+                self._window.drop_reports()
 
     def _close_micro(self) -> None:
         """A ``step()`` call ends a micro-batch: hand its squared norm (when every gradient of
-        it was measured, see buffers.py) to the window, which keeps the noise-scale sums."""
-        total, complete, seen = 0.0, True, False
+        it was measured, see buffers.py) to the window, which keeps the noise-scale sums.
+        On the device-resident step the norms are device tensors, added without a read."""
+        total, complete = None, True
         for b in self._buckets:
-            seen = seen or bool(b.micro_seen)
+            seen = bool(b.micro_seen)
             s, ok = b.take_micro_sumsq()
-            total += s
+            if seen:
+                total = s if total is None else total + s
             complete = complete and ok
-        self._window.close_micro(total if (complete and seen) else None)
+        self._window.close_micro(total if complete else None)
 
     # ------------------------------------------------------------ user API
     @property

@@ -35,6 +35,19 @@ def dist_world() -> Optional[Tuple[int, str]]:
     return None
 
 
+def _div_sq(x: Any, *factors: Any) -> Any:
+    """``x / (f1 · f2 · ...)²``. A tensor factor (an fp32 loss scale, a device weight sum) divides
+    ``x`` on its own, so that each division runs in ``x``'s precision (fp64) instead of rounding
+    a product to fp32 first; host numbers are multiplied first (no op for 1)."""
+    host = 1.0
+    for f in factors:
+        if isinstance(f, Tensor):
+            x = x / f / f
+        else:
+            host *= f
+    return x / (host * host) if host != 1.0 else x
+
+
 class AccumulationWindow:
     """Micro-step count, weight sum and clip request of the window in progress.
 
@@ -64,20 +77,26 @@ class AccumulationWindow:
         self.state: Optional[Tensor] = None
         self.weight_sum_t: Optional[Tensor] = None
         self.bad_weight_t: Optional[Tensor] = None
-        # Gradient noise scale (noise_scale.py): the sums of the micro-batches that reported a
-        # squared norm this window, in absolute weight units: (Σ_R b_i |g_i|², Σ_R b_i, |R|).
+        # Gradient noise scale (noise_scale.py): the micro-batches that reported a squared
+        # norm this window, in the window's weight units and before unscaling:
+        # (Σ_R raw_i / u_i, Σ_R u_i, |R|), with raw_i the squared norm of what micro-batch i
+        # added to the buffers (its loss was multiplied by loss_scale · u_i, see loss_factor)
+        # and u_i its weight in units of weight_ref. Floats, or device tensors on a resident
+        # window (nothing is read back); noise_totals() turns them into absolute units.
         # ``measure_norm``: the optimizer tracks the noise scale, so every step runs the norm
         # pass (it gives |G_B|²).
         self.measure_norm = False
-        self.noise_sums = [0.0, 0.0, 0.0]
-        self._closed_units = 0.0  # weight units of the micro-batches already closed this window
+        self.reports: List[Any] = [0.0, 0.0, 0.0]
+        self._open_units: Any = 0.0  # weight units committed since the last micro-batch closed
         # what the last applied (or skipped) window was, for stats() and the noise scale:
         # its global weight sum in absolute units (None while tensor weights keep it on the
         # device), its unscaled normalised norm (None without a norm pass), and the reduced
-        # noise sums with |G_B|² (None when not measured)
+        # noise sums with |G_B|² (None when not measured; tensors on a resident window, with
+        # ``last_applied``, a bool tensor: False when the device skipped the step)
         self.last_weight_total: Optional[float] = None
         self.last_grad_norm: Optional[float] = None
-        self.last_noise: Optional[Tuple[float, float, float, float, float]] = None
+        self.last_noise: Optional[Tuple[Any, Any, Any, Any, Any]] = None
+        self.last_applied: Optional[Tensor] = None
 
     # ----------------------------------------------------------------- device residence
     def to_device(self, kernels: Any, device: torch.device) -> None:
@@ -100,6 +119,9 @@ class AccumulationWindow:
             self.bad_weight_t = torch.zeros((), dtype=torch.float32, device=self.state.device)
         self.weight_sum_t += w
         self.bad_weight_t += (~(torch.isfinite(w) & (w > 0))).float()
+        if self.measure_norm:  # (the micro-batch's weight for its noise-scale report)
+            opened = self._open_units
+            self._open_units = w if isinstance(opened, float) and opened == 0.0 else opened + w
 
     # ----------------------------------------------------------------- micro-batches
     @property
@@ -138,30 +160,42 @@ class AccumulationWindow:
             self.weight_sum = unit  # every backward is its own step
         else:
             self.weight_sum += unit
+            if self.measure_norm:
+                self._open_units = self._open_units + unit
         self.weighted = True
 
-    def close_micro(self, raw_sumsq: Optional[float]) -> None:
+    def close_micro(self, raw_sumsq: Any) -> None:
         """A micro-batch ended (a ``step()`` call): record its squared-norm report.
 
         ``raw_sumsq`` is the squared norm of what reached the buffers in that micro-batch,
-        i.e. of ``loss_scale · (w_i/weight_ref) · g_i`` (see :meth:`loss_factor`), or None when
-        it was not measured completely (then the micro-batch does not report). A micro-batch
-        whose weight lives on the device (a tensor weight) cannot report either.
+        i.e. of ``loss_scale · (w_i/weight_ref) · g_i`` (see :meth:`loss_factor`): a float, a
+        device tensor (resident: not read), or None when it was not measured completely (then
+        the micro-batch does not report). Its weight may be a device tensor too.
         """
-        if self.weighted:
-            unit = self.weight_sum - self._closed_units
-            self._closed_units = self.weight_sum
-            scale = self.scaler.scale if self.scaler is not None else 1.0
-            ref = float(self.weight_ref) if self.weight_ref is not None else 1.0
-        else:
-            unit, scale, ref = 1.0, 1.0, 1.0
-        if raw_sumsq is None or self.weight_sum_t is not None or not unit > 0:
+        unit = self._open_units if self.weighted else 1.0
+        self._open_units = 0.0
+        if raw_sumsq is None or (not isinstance(unit, Tensor) and not unit > 0):
             return
-        b = unit * ref  # the micro-batch's weight b_i, in the unit of weight=
-        mean_sq = raw_sumsq / (unit * scale) ** 2  # |g_i|² of its mean gradient
-        self.noise_sums[0] += b * mean_sq
-        self.noise_sums[1] += b
-        self.noise_sums[2] += 1.0
+        r = self.reports
+        first = r[2] == 0
+        r[0] = raw_sumsq / unit if first else r[0] + raw_sumsq / unit
+        r[1] = unit if first else r[1] + unit
+        r[2] += 1.0
+
+    def drop_reports(self) -> None:
+        """The buffers no longer hold what the reports measured (a gradient assigned by hand)."""
+        self.reports = [0.0, 0.0, 0.0]
+
+    def noise_totals(self, scale: Any) -> Tuple[Any, Any, float]:
+        """This window's reports in the unit of ``weight=``, unscaled: ``(Σ_R b_i |g_i|²,
+        Σ_R b_i, |R|)`` (noise_scale.py), with ``b_i = u_i · weight_ref`` and
+        ``|g_i|² = raw_i / (u_i · scale)²``; ``scale``: what the losses were multiplied by
+        besides the weights (the loss scale; GradScaler's scale), constant within a window."""
+        s, units, k = self.reports
+        if k == 0:
+            return 0.0, 0.0, 0.0
+        ref = self.weight_ref if (self.weighted and self.weight_ref is not None) else 1.0
+        return _div_sq(s * ref, scale), units * ref, k
 
     def host_weight_total(self, divisor: float, world: int = 1) -> Optional[float]:
         """The window's weight sum in the unit of ``weight=`` (tokens with ``weight=n_tokens``;
@@ -191,8 +225,8 @@ class AccumulationWindow:
         self.clip_request = None
         self.weight_sum_t = None
         self.bad_weight_t = None
-        self.noise_sums = [0.0, 0.0, 0.0]
-        self._closed_units = 0.0
+        self.reports = [0.0, 0.0, 0.0]
+        self._open_units = 0.0
 
     # ----------------------------------------------------------------- the multiplier
     def scale_and_divisor(self) -> Tuple[float, float]:
@@ -246,7 +280,7 @@ class AccumulationWindow:
         need_norm = (self.scaler is not None or grad_scaler_scale is not None or max_norm is not None
                      or self.measure_norm)
         rep_sq, shard_sq = raw_norm() if need_norm else (0.0, 0.0)
-        noise = list(self.noise_sums) if self.measure_norm else None
+        noise = list(self.noise_totals(scale)) if self.measure_norm else None
         divisor, nonfinite, shard_sq = self.reduce_across_ranks(
             divisor, found_inf or not math.isfinite(rep_sq + shard_sq), shard_sq, live, noise)
         world = dist_world()
@@ -257,7 +291,7 @@ class AccumulationWindow:
         # |G_B|² of the update direction before clipping (a trainer's clip through the
         # GradViews is recorded in deferred_scale, left out here: the noise scale is a
         # property of the gradient, not of the clipped step)
-        self.last_noise = None
+        self.last_noise, self.last_applied = None, None
         if noise is not None and not nonfinite and self.last_weight_total is not None:
             self.last_noise = (*noise, sq / (scale * divisor) ** 2, self.last_weight_total)
         if nonfinite:
