@@ -187,15 +187,24 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         one device (the triton backend): no step then reads a device value on the host."""
         backends = {b.backend for b in self._buckets}
         devices = {b.device for b in self._buckets}
-        # track_noise_scale reads the per-micro-batch norms on the host: the step then runs
-        # host-decided (one sync per step) -- a device-resident noise scale is not built yet
-        if (self.step_in_backward or self.track_noise_scale or len(backends) != 1 or len(devices) != 1
+        if (self.step_in_backward or len(backends) != 1 or len(devices) != 1
                 or not all(b.backend.device_resident and not b.sharded for b in self._buckets)):
             return
+        if self.track_noise_scale and self.defaults.get("capturable"):
+            # the noise scale's bookkeeping makes new device tensors and host counts every
+            # window, and its micro-batch reports come from the hooks, outside a captured
+            # step: a graph would replay the capture's
+            raise ValueError(
+                "capturable=True (CUDA graphs) cannot track the noise scale: its per-micro-batch reports are "
+                "new tensors every window, which a captured step would not see; drop track_noise_scale=True "
+                "or capturable=True"
+            )
         backend, device = backends.pop(), devices.pop()
         self._resident = ResidentStep(backend.bucket, device)
         self._window.to_device(backend.bucket, device)
         self._adopt_device_steps()
+        for bucket in self._buckets:  # noise-scale reports stay on the device (never read back)
+            bucket.device_measures = True
 
     def _adopt_device_steps(self) -> None:
         self._resident.adopt_steps(self._buckets)
@@ -320,6 +329,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             bucket = Bucket(ps, group_index, backend, with_buffer=not self._no_buffer,
                             grad_views=dist_world() is None)
             bucket.measure = self.track_noise_scale
+            bucket.device_measures = self._resident is not None
             self._add_bucket(bucket)
         if self._resident is not None:
             self._adopt_device_steps()
@@ -805,8 +815,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         settled = self._settled  # no user code ran since _fold_grads: their p.grad are still our views
         for bucket, _ in work:
             bucket.consume_all(settled=id(bucket) in settled)
-        if self._noise is not None and self._window.last_noise is not None:
-            self._noise.update_from_sums(*self._window.last_noise)  # skipped windows never get here
+        self._feed_noise()
         if self._scaler is not None:
             self._scaler.update(found_inf=False)
         self._consecutive_skips = 0
@@ -816,7 +825,8 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         """The same step with every decision on the device: sumsq per bucket (when the norm is
         needed), one finalize, one update launch per bucket; the update kernels return at
         once when finalize decided to skip. Nothing here reads a device value."""
-        if self._deferred_scale() != 1.0:
+        written_scale = self._deferred_scale()
+        if written_scale != 1.0:
             # a trainer's clip through bf16/fp16 p.grad views: written into the buffers (one
             # pass) rather than read back to the host as a multiplier
             for bucket in self._buckets:
@@ -840,7 +850,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             self._device_stats = (partials is not None, divisor)  # for stats(): read when it is called
             self._window.finalize_on_device(
                 partials, res.steps, res.step_index, grad_scaler_scale=_as_tensor(grad_scale),
-                found_inf=_as_tensor(found_inf), max_grad_norm=self.max_grad_norm,
+                found_inf=_as_tensor(found_inf), max_grad_norm=self.max_grad_norm, written_scale=written_scale,
             )
             for bucket, table, hyper, seed in launches:
                 getattr(res.kernels, self._kernel)(
@@ -853,7 +863,15 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             raise
         for bucket in self._buckets:
             bucket.consume_all()
+        self._feed_noise()
         self._end_window()
+
+    def _feed_noise(self) -> None:
+        """The window's noise sums to the estimator; a skipped window never counts (on the host
+        it never gets here, on the device its ``last_applied`` is False)."""
+        w = self._window
+        if self._noise is not None and w.last_noise is not None:
+            self._noise.update_from_sums(*w.last_noise, applied=w.last_applied)
 
     def _flat_state_args(self, bucket: Bucket) -> List[Optional[Tensor]]:
         """The algorithm's flat state tensors in its kernel's order (see adam.py / sgd.py)."""

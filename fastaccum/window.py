@@ -35,6 +35,14 @@ def dist_world() -> Optional[Tuple[int, str]]:
     return None
 
 
+def _fp64_on(device: torch.device, x: Union[float, Tensor]) -> Tensor:
+    """``x`` as a 0-dim fp64 tensor on ``device``; a host number by a fill on the device (no copy:
+    a host-to-device copy of pageable memory would wait for the device)."""
+    if isinstance(x, Tensor):
+        return x.reshape(()).to(device, torch.float64)
+    return torch.full((), float(x), dtype=torch.float64, device=device)
+
+
 def _div_sq(x: Any, *factors: Any) -> Any:
     """``x / (f1 · f2 · ...)²``. A tensor factor (an fp32 loss scale, a device weight sum) divides
     ``x`` on its own, so that each division runs in ``x``'s precision (fp64) instead of rounding
@@ -46,6 +54,10 @@ def _div_sq(x: Any, *factors: Any) -> Any:
         else:
             host *= f
     return x / (host * host) if host != 1.0 else x
+
+
+def _fp32(x: Union[float, Tensor]) -> Union[float, Tensor]:
+    return x.float() if isinstance(x, Tensor) and x.dtype != torch.float32 else x
 
 
 class AccumulationWindow:
@@ -357,56 +369,83 @@ class AccumulationWindow:
             return self.weight_sum
         return self.weight_sum_t + self.weight_sum if self.weight_sum else self.weight_sum_t
 
-    def _device_inputs(self, grad_scaler_scale: Optional[Tensor], found_inf: Optional[Tensor]
-                       ) -> Tuple[Union[float, Tensor], Optional[Tensor], Optional[Tensor]]:
-        """(divisor, GradScaler scale, found-inf flag) for finalize, reduced across ranks on the device."""
+    def _device_tensor(self, x: Optional[Tensor]) -> Optional[Tensor]:
+        return None if x is None else x.reshape(()).to(self.state.device, torch.float32)
+
+    def _device_inputs(self, found_inf: Optional[Tensor], noise: Optional[Tuple[Any, Any, float]] = None
+                       ) -> Tuple[Union[float, Tensor], Optional[Tensor], Optional[Tuple[Any, Any, Any]]]:
+        """(divisor, found-inf flag, noise sums) for finalize, reduced across ranks on the device
+        (the divisor is then an fp64 tensor: :func:`_fp32` makes the kernel's argument)."""
         divisor = self._device_divisor()
         flags = [f for f in (found_inf, self.bad_weight_t) if f is not None]
         flag = None
         if flags:
-            flag = torch.stack([f.reshape(()).to(self.state.device, torch.float32) for f in flags]).sum()
+            flag = torch.stack([self._device_tensor(f) for f in flags]).sum()
         world = dist_world()
         if world is not None:
             size, _ = world
-            # one small all-reduce of (weight sum, found-inf), queued on the device (no sync)
-            t = torch.stack([
-                torch.as_tensor(divisor if self.weighted else 0.0, dtype=torch.float32, device=self.state.device),
-                flag if flag is not None else torch.zeros((), dtype=torch.float32, device=self.state.device),
-            ])
+            # one small all-reduce of (weight sum, found-inf[, the noise scale's sums]), queued
+            # on the device (no sync); float64, so token counts stay exact beyond 2**24
+            parts = [divisor if self.weighted else 0.0, flag if flag is not None else 0.0, *(noise or ())]
+            t = torch.stack([_fp64_on(self.state.device, x) for x in parts])
             torch.distributed.all_reduce(t)
             divisor = t[0] / size if self.weighted else divisor
-            flag = t[1]
-        if grad_scaler_scale is not None:
-            grad_scaler_scale = grad_scaler_scale.reshape(()).to(self.state.device, torch.float32)
-        return divisor, grad_scaler_scale, flag
+            flag = t[1].float()
+            if noise is not None:
+                noise = (t[2], t[3], t[4])
+        return divisor, flag, noise
 
     def finalize_on_device(self, partials: Optional[Tensor], steps: Tensor, step_index: Tensor, *,
                            grad_scaler_scale: Optional[Tensor], found_inf: Optional[Tensor],
-                           max_grad_norm: Optional[float]) -> None:
+                           max_grad_norm: Optional[float], written_scale: float = 1.0) -> None:
         """Compute the multiplier, the skip flag, the norm, the loss scale and the step counts
         into the window's device state (one kernel); ``partials`` are the buckets' sums of
-        squares, None when nothing needs the norm."""
-        divisor, gs, flag = self._device_inputs(grad_scaler_scale, found_inf)
+        squares, None when nothing needs the norm.
+
+        When the noise scale is measured, also queue (no sync) the window's noise sums and
+        ``|G_B|²`` into :attr:`last_noise`, and into :attr:`last_applied` whether finalize let
+        the step through. ``written_scale``: a factor the buffers hold that is not part of the
+        gradient (a trainer's clip through bf16/fp16 ``p.grad`` views, written before the step):
+        ``|G_B|²`` leaves it out, as on the host."""
+        gs = self._device_tensor(grad_scaler_scale)
+        measure = self.measure_norm and partials is not None
+        noise, big_sumsq = None, None
+        if measure:
+            # the scale the losses were multiplied by: read (queued) before finalize updates it
+            scale: Any = self.scaler.scale_tensor() if (self.scaler is not None and self.weighted) else 1.0
+            if gs is not None:
+                scale = scale * gs
+            noise = self.noise_totals(scale)
+        divisor, flag, noise = self._device_inputs(found_inf, noise)
+        if measure:
+            big_sumsq = _div_sq(partials.sum(dtype=torch.float64), scale, divisor, written_scale)
         max_norm = self.clip_request if self.clip_request is not None else max_grad_norm
         self.kernels.finalize(
-            partials, self.state, steps, step_index, weight_divisor=divisor, max_norm=max_norm,
+            partials, self.state, steps, step_index, weight_divisor=_fp32(divisor), max_norm=max_norm,
             grad_scale=gs, found_inf=flag, check_finite=partials is not None,
             dynamic=self.scaler is not None and self.scaler.dynamic, scale_applied=self.weighted,
             **({} if self.scaler is None else dict(growth_factor=self.scaler.growth_factor,
                                                  backoff_factor=self.scaler.backoff_factor,
                                                  growth_interval=self.scaler.growth_interval)),
         )
+        self.last_noise, self.last_applied = None, None
+        if measure:
+            world = dist_world()
+            ref = self.weight_ref if (self.weighted and self.weight_ref is not None) else 1.0
+            self.last_noise = (*noise, big_sumsq, divisor * (world[0] if world else 1) * ref)
+            self.last_applied = self.state[self.kernels.W_SKIP] == 0
 
     def device_grad_norm(self, partials: Tensor) -> Tensor:
         """The unscaled, normalised norm from the buckets' partial sums of squares, on the device."""
-        divisor, _, _ = self._device_inputs(None, None)
+        divisor, _, _ = self._device_inputs(None)
         scale = self.scaler.scale_tensor() if (self.scaler is not None and self.weighted) else 1.0
-        return partials.double().sum().sqrt().float() / (scale * divisor)
+        return partials.double().sum().sqrt().float() / (scale * _fp32(divisor))
 
     def needs_norm(self, grad_scaler_scale: Optional[Any], max_grad_norm: Optional[float]) -> bool:
         """Whether the step needs the norm pass (loss scaling's inf check, or clipping)."""
         max_norm = self.clip_request if self.clip_request is not None else max_grad_norm
-        return self.scaler is not None or grad_scaler_scale is not None or max_norm is not None
+        return (self.scaler is not None or grad_scaler_scale is not None or max_norm is not None
+                or self.measure_norm)
 
     def skipped_on_device(self) -> int:
         return int(self.state[self.kernels.W_SKIPPED]) if self.resident else 0
