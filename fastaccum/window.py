@@ -14,7 +14,7 @@ buffers' norm read back as a float: free on a CPU. On the device (the window is
 found-inf flag, the skip decision, the multiplier, the dynamic loss scale and the step
 counts are all computed by one ``finalize`` kernel (:meth:`AccumulationWindow.finalize_on_device`)
 and read by the update kernels, so no step waits for the GPU. Tensor weights, GradScaler's
-tensors and the cross-rank all-reduce then stay on the device too.
+tensors, the cross-rank all-reduce and the noise scale's sums then stay on the device too.
 """
 from __future__ import annotations
 
