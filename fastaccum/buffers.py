@@ -355,9 +355,13 @@ class Bucket:
     def _record_sumsq(self, i: int, s: Any, factor: float = 1.0) -> None:
         """Add ``factor · s`` (``s``: a float or a 0-dim tensor) to the micro-batch's squared norm."""
         if self.device_measures and isinstance(s, Tensor):
-            s = s.detach().reshape(()).to(torch.float64)
-            s = s * factor if factor != 1.0 else s
-            self.micro_sumsq = s if not self.micro_seen else self.micro_sumsq + s
+            # summed in fp64 on the device, one op per fold (add promotes and scales in fp64)
+            s = s.detach().reshape(())
+            if not self.micro_seen:
+                s = s.to(torch.float64)
+                self.micro_sumsq = s * factor if factor != 1.0 else s
+            else:
+                self.micro_sumsq = torch.add(self.micro_sumsq, s, alpha=factor)
         else:
             self.micro_sumsq += float(s) * factor
         self.micro_seen.add(i)
