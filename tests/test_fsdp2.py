@@ -127,8 +127,19 @@ def _worker(rank, init_file, out_dir):
     # reduction, where FSDP2 keeps them in its fp32 unsharded_accumulated_grad)
     import warnings
 
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    def get_separately(model, opt):  # the model's and the optimizer's helpers, one at a time
+        return get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+
+    def set_separately(model, opt, model_state_dict, optim_state_dict):
+        set_model_state_dict(model, model_state_dict)
+        set_optimizer_state_dict(model, opt, optim_state_dict)
+
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for name, policy, cut in (("fp32", None, ACCUM + 1), ("bf16", bf16, ACCUM + 2)):
+    for name, policy, cut, get_sd, set_sd in (("fp32", None, ACCUM + 1, get_state_dict, set_state_dict),
+                                              ("bf16", bf16, ACCUM + 2, get_separately, set_separately)):
         model, opt = make(policy)
         _run(model, opt, rank, micro)
         straight = _full(model)
@@ -139,7 +150,7 @@ def _worker(rank, init_file, out_dir):
         _run(model, opt, rank, micro[:cut])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            msd, osd = get_state_dict(model, opt)
+            msd, osd = get_sd(model, opt)
         ckpt = os.path.join(out_dir, f"ckpt_nosync_{name}")
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
         saved_grad = {k: v["accum_grad"].full_tensor().clone() for k, v in osd["state"].items()}
@@ -147,10 +158,10 @@ def _worker(rank, init_file, out_dir):
         _run(model, opt, rank, micro[cut:])  # the run that took the checkpoint goes on
         continued = _full(model)
         model, opt = make(policy)  # a fresh model and optimizer: only the checkpoint carries the window
-        msd, osd = get_state_dict(model, opt)
+        msd, osd = get_sd(model, opt)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=ckpt)
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_sd(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         micro_step = opt.micro_step
         _run(model, opt, rank, micro[cut:])
         out[f"nosync_{name}"] = {
