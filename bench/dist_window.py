@@ -3,9 +3,11 @@ under the same DDP / FSDP2 setup and the same accumulation. A measurement, not a
 
     python bench/dist_window.py [--params 4M] [--accum 4] [--windows 6]
 
-The two optimizers' windows alternate (each on its own model), and the ratio column is the
-median of fastaccum's window time over its neighbouring torch window's: the machine's load
-drifts, and neighbouring windows see about the same.
+The two optimizers' windows alternate (each on its own model, ABBA order), and the ratio
+columns are medians of fastaccum's window over its neighbouring torch window: the machine's
+load drifts, and neighbouring windows see about the same. Wall time includes waiting for the
+other rank (gloo over loopback, shared cores); CPU time (rank 0's process time) does not, so
+it shows what each optimizer itself costs.
 
 Bytes are each rank's payload per window, counted from what each setup reduces (the ring
 algorithm then puts 2(W-1)/W of an all-reduce payload and (W-1)/W of a reduce-scatter or
@@ -79,9 +81,9 @@ def build(rank, setup, opt_kind, args):
     if low:
         xs = [x.to(torch.bfloat16) for x in xs]
 
-    def window() -> float:
+    def window() -> tuple:
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for k, x in enumerate(xs):
             if setup.startswith("ddp"):
                 ctx = wrapped.no_sync() if not sync(k) else contextlib.nullcontext()
@@ -101,8 +103,9 @@ def build(rank, setup, opt_kind, args):
                 torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad()
+        t1, c1 = time.perf_counter(), time.process_time()  # (the closing barrier waits for the slower rank)
         dist.barrier()
-        return time.perf_counter() - t0
+        return t1 - t0, c1 - c0
 
     if setup.startswith("ddp"):
         grad_bytes = 4 if (opt_kind == "fastaccum" or not low) else 2
@@ -124,16 +127,23 @@ def run_setup(rank, setup, args):
     for window, _ in runs:
         window()  # the first window warms up (buffers, state, buckets)
     times = {kind: [] for kind in kinds}
-    for _ in range(args.windows):
-        for kind, (window, _) in zip(kinds, runs):
-            times[kind].append(window())
+    cpu = {kind: [] for kind in kinds}
+    for w in range(args.windows):
+        order = list(zip(kinds, runs))
+        for kind, (window, _) in order if w % 2 == 0 else order[::-1]:  # ABBA: no side always goes first
+            t, c = window()
+            times[kind].append(t)
+            cpu[kind].append(c)
     rows = []
     for kind, (_, info) in zip(kinds, runs):
         rows.append({**info, "window_ms": 1e3 * statistics.median(times[kind]),
-                     "window_ms_min": 1e3 * min(times[kind]), "windows_ms": [1e3 * t for t in times[kind]]})
+                     "window_ms_min": 1e3 * min(times[kind]), "cpu_ms": 1e3 * statistics.median(cpu[kind]),
+                     "windows_ms": [1e3 * t for t in times[kind]]})
     if len(kinds) == 2:
-        ratios = [f / t for t, f in zip(times["torch-fused"], times["fastaccum"])]
-        rows[-1]["ratio_to_torch"] = statistics.median(ratios)
+        rows[-1]["ratio_to_torch"] = statistics.median(
+            f / t for t, f in zip(times["torch-fused"], times["fastaccum"]))
+        rows[-1]["cpu_ratio_to_torch"] = statistics.median(
+            f / t for t, f in zip(cpu["torch-fused"], cpu["fastaccum"]))
     return rows
 
 
@@ -174,15 +184,17 @@ def main():
     rows = json.load(open(out))
     print(f"2 gloo ranks, 1 thread each, accumulation {args.accum}, micro-batch {args.micro}, "
           f"median of {args.windows} windows; the two optimizers' windows alternate")
-    print(f"{'setup':10} {'optimizer':12} {'params':>9} {'window ms':>10} {'min ms':>8} {'/torch':>7}  "
-          "payload per rank per window")
+    print(f"{'setup':10} {'optimizer':12} {'params':>9} {'window ms':>10} {'min ms':>8} {'/torch':>7} "
+          f"{'CPU ms':>7} {'/torch':>7}  payload per rank per window")
     for r in rows:
         wire = ", ".join(f"{k} {v / 1e6:.2f} MB" if v >= 1e4 else f"{k} {v} B"
                          for k, v in r["payload_bytes_per_rank"].items())
         ratio = f"{r['ratio_to_torch']:.2f}" if "ratio_to_torch" in r else ""
+        cratio = f"{r['cpu_ratio_to_torch']:.2f}" if "cpu_ratio_to_torch" in r else ""
         print(f"{r['setup']:10} {r['optimizer']:12} {r['params']:>9} {r['window_ms']:>10.1f} "
-              f"{r['window_ms_min']:>8.1f} {ratio:>7}  {wire}")
-    print("/torch: median over the window pairs of fastaccum's window time / torch's neighbouring window")
+              f"{r['window_ms_min']:>8.1f} {ratio:>7} {r['cpu_ms']:>7.1f} {cratio:>7}  {wire}")
+    print("/torch: median over the window pairs of fastaccum's time / torch's neighbouring window's. CPU ms: "
+          "rank 0's process time in the window (all its threads), which waiting does not count")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
 
