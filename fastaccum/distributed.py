@@ -9,7 +9,8 @@ fastaccum's sharded buffers before a checkpoint (:meth:`DistributedMixin._flush_
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -45,17 +46,35 @@ class DistributedMixin:
         params = [p for b in self._buckets if b.sharded and b.grad is not None for p in b.params]
         if not params:
             return False
-        groups = [g for g in fsdp2_param_groups(params) if any(_unsynced(fp) for fp in g.fsdp_params)]
+        groups = fsdp2_param_groups(params)
+        if groups is None:
+            if self._window.micro_step:
+                warnings.warn(
+                    f"fastaccum: this torch version's FSDP2 ({torch.__version__}) is not laid out as fastaccum knows, "
+                    "so state_dict() inside an accumulation window cannot reduce-scatter the gradients FSDP2 may "
+                    "hold unsynced (set_requires_gradient_sync(False)) into the checkpoint; a run resumed from it "
+                    "would lose them. Checkpoint when opt.micro_step == 0, or sync gradients every micro-batch",
+                    RuntimeWarning, stacklevel=3)
+            return False
+        groups = [g for g in groups if any(_unsynced(fp) for fp in g.fsdp_params)]
         if not groups:
             return False
-        try:
-            from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
-        except ImportError as e:  # pragma: no cover - guarded by fsdp2_param_groups finding groups
-            raise _flush_unsupported(e) from e
+        TrainingState = _fsdp2_internals()[2]
+        # FSDP2's internals this drives, checked before any collective starts
+        needed = ("post_backward", "finalize_backward", "reduce_grads", "all_reduce_grads", "_training_state",
+                  "comm_ctx")
+        missing = [a for a in needed if not all(hasattr(g, a) for g in groups)]
+        if missing or not hasattr(groups[0].comm_ctx, "reduce_scatter_states"):
+            raise RuntimeError(
+                f"fastaccum: this torch version's FSDP2 ({torch.__version__}) lacks "
+                f"{missing or 'reduce_scatter_states'}, which fastaccum uses to reduce-scatter the gradients "
+                "FSDP2 holds unsynced before a checkpoint; without that the checkpoint would lose them. "
+                "Checkpoint when opt.micro_step == 0, or call model.set_requires_gradient_sync(True) every "
+                "micro-batch")
         busy = [g for g in groups if g._training_state != TrainingState.IDLE]
         if busy:
             raise RuntimeError(
-                "fastaccum: state_dict() was called between a forward and its backward (FSDP2 is in "
+                "fastaccum: state_dict() was called while FSDP2 runs a forward or backward (it is in "
                 f"{busy[0]._training_state}): checkpoint between micro-batches, after opt.step()")
         self._flushing = True
         try:
@@ -74,10 +93,8 @@ class DistributedMixin:
             ctx = groups[0].comm_ctx
             for rs in ctx.reduce_scatter_states:
                 if rs.event is not None:  # (none on the CPU)
-                    torch.accelerator.current_stream().wait_event(rs.event)
+                    getattr(torch, "accelerator", torch.cuda).current_stream().wait_event(rs.event)
             ctx.reduce_scatter_states.clear()
-        except AttributeError as e:
-            raise _flush_unsupported(e) from e
         finally:
             self._flushing = False
         for b in self._buckets:
@@ -136,27 +153,49 @@ class DistributedMixin:
         return torch.futures.collect_all(futures).then(finish)
 
 
-def fsdp2_param_groups(params: Sequence[Tensor]) -> List[Any]:
+def _fsdp2_internals() -> Optional[Tuple[Any, Any, Any]]:
+    """(module -> state registry, FSDPState, TrainingState) of this torch's FSDP2, or None."""
+    import importlib
+
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:
+        return None
+    for package in ("torch.distributed.fsdp._fully_shard", "torch.distributed._composable.fsdp"):
+        try:
+            state = importlib.import_module(package + "._fsdp_state").FSDPState
+            training = importlib.import_module(package + "._fsdp_common").TrainingState
+        except (ImportError, AttributeError):
+            continue
+        return _module_state_mapping, state, training
+    return None
+
+
+def fsdp2_param_groups(params: Sequence[Tensor]) -> Optional[List[Any]]:
     """FSDP2's parameter groups (``FSDPParamGroup``) that hold any of ``params``, in the order
-    ``fully_shard`` registered them (the same on every rank, so their collectives match).
+    ``fully_shard`` registered them (the same on every rank, so their collectives match);
+    None when this torch's FSDP2 is not laid out as fastaccum knows.
 
     Found through the registry FSDP2 itself looks states up in (module -> state): an
     optimizer knows its parameters, not the model they belong to.
     """
-    try:
-        from torch.distributed._composable_state import _module_state_mapping
-        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
-    except ImportError:  # torch without FSDP2: nothing can be pending
-        return []
+    internals = _fsdp2_internals()
+    if internals is None:
+        return None
+    mapping, fsdp_state, _ = internals
     ours = {id(p) for p in params}
     seen: set = set()
     groups = []
-    for ref in list(_module_state_mapping.values()):
+    for ref in list(mapping.values()):
         state = ref()
-        if not isinstance(state, FSDPState) or id(state) in seen:
+        if not isinstance(state, fsdp_state) or id(state) in seen:
             continue
         seen.add(id(state))
-        for g in getattr(state, "_fsdp_param_groups", None) or []:
+        state_groups = getattr(state, "_fsdp_param_groups", None)
+        if state_groups is None:  # torch before per-parameter meshes: one group per state
+            one = getattr(state, "_fsdp_param_group", None)
+            state_groups = [one] if one is not None else []
+        for g in state_groups:
             if any(id(fp.sharded_param) in ours for fp in g.fsdp_params):
                 groups.append(g)
     return groups
@@ -168,14 +207,6 @@ def _unsynced(fsdp_param: Any) -> bool:
         return True
     unsharded = getattr(fsdp_param, "_unsharded_param", None)  # made at its first all-gather
     return unsharded is not None and unsharded.grad is not None
-
-
-def _flush_unsupported(e: BaseException) -> RuntimeError:
-    return RuntimeError(
-        f"fastaccum: this torch version's FSDP2 ({torch.__version__}) keeps unsynced gradients in a way "
-        f"fastaccum does not know ({e}), so a checkpoint inside a window without gradient sync would lose "
-        "them. Checkpoint when opt.micro_step == 0, or call model.set_requires_gradient_sync(True) every "
-        "micro-batch")
 
 
 def check_param_kind(p: Tensor) -> None:

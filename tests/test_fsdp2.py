@@ -145,7 +145,8 @@ def _worker(rank, init_file, out_dir):
         straight = _full(model)
         model, opt = make(policy)
         _run(model, opt, rank, micro[:cut], sync_every=True)  # what the checkpoint must hold
-        synced_grad = {k: v["accum_grad"].full_tensor().clone() for k, v in get_state_dict(model, opt)[1]["state"].items()}
+        synced = get_state_dict(model, opt)[1]["state"]
+        synced_grad = {k: v["accum_grad"].full_tensor().clone() for k, v in synced.items()}
         model, opt = make(policy)
         _run(model, opt, rank, micro[:cut])
         with warnings.catch_warnings(record=True) as caught:
@@ -169,6 +170,23 @@ def _worker(rank, init_file, out_dir):
             "saved_grad": saved_grad, "synced_grad": synced_grad, "warnings": [str(w.message) for w in caught],
         }
         del model, opt, msd, osd, state
+
+    # a torch whose FSDP2 is laid out otherwise: state_dict() inside such a window says what it
+    # cannot save instead of saving a checkpoint that silently lacks the window's gradients
+    import fastaccum.distributed as fdist
+
+    model, opt = make()
+    _run(model, opt, rank, micro[:ACCUM + 1])
+    known = fdist._fsdp2_internals
+    fdist._fsdp2_internals = lambda: None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.state_dict()
+    finally:
+        fdist._fsdp2_internals = known
+    out["unknown_fsdp2_warnings"] = [str(w.message) for w in caught]
+    del model, opt
 
     # layouts fastaccum does not handle yet are refused at construction (tensor parallel's
     # replicated/partial DTensors, HSDP's 2-D mesh): the norm would be reduced over the wrong group
@@ -285,6 +303,12 @@ def test_fsdp2_dcp_checkpoint_mid_window_without_gradient_sync(ranks, name, cut)
             assert _rel(got["resumed"][k], got["straight"][k]) <= 1e-6, k
     for k in ranks[0][f"nosync_{name}"]["resumed"]:
         assert torch.equal(ranks[0][f"nosync_{name}"]["resumed"][k], ranks[1][f"nosync_{name}"]["resumed"][k])
+
+
+def test_fsdp2_of_an_unknown_layout_warns_instead_of_losing_the_window_silently(ranks):
+    for r in range(WORLD):
+        msgs = ranks[r]["unknown_fsdp2_warnings"]
+        assert len(msgs) == 1 and "not laid out as fastaccum knows" in msgs[0] and "micro_step == 0" in msgs[0]
 
 
 def test_other_dtensor_layouts_are_refused_at_construction(ranks):
