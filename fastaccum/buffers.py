@@ -237,7 +237,9 @@ class Bucket:
         self.ddp_wrote = [False] * len(params)
         # bf16/fp16 parameters whose p.grad is a GradView of their segment (plain tensors)
         self.grad_viewed = [self.low_precision and with_buffer and grad_views and _plain(p) for p in params]
-        self._wrappers: List[Optional[GradView]] = [None] * len(params)
+        # what p.grad is while a segment is fresh, when that is not the view itself (a GradView,
+        # or the DTensor over the view under FSDP2), made once per parameter
+        self._wrappers: List[Optional[Tensor]] = [None] * len(params)
         self._init_fast_state()
         # scale[i]: a factor applied to a fresh segment's gradient through its GradView (a
         # trainer's clip) and not written into the buffer yet: the update folds it into its
@@ -561,7 +563,14 @@ class Bucket:
         """What ``p.grad`` is while segment ``i`` is fresh: the fp32 view, a GradView of it,
         or None (low-precision parameters that are tensor subclasses)."""
         if not self.low_precision:
-            return self.wrapped(i, self.grad_views[i])  # a DTensor under FSDP2
+            if not self.sharded:
+                return self.grad_views[i]
+            w = self._wrappers[i]
+            if w is None:
+                # a DTensor under FSDP2, made once: wrapping cost more per window than
+                # the copy of the gradient into the segment (see bench/dist_window.py)
+                w = self._wrappers[i] = self.wrapped(i, self.grad_views[i])
+            return w
         if not self.grad_viewed[i]:
             return None
         w = self._wrappers[i]

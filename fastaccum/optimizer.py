@@ -446,7 +446,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         # micro-batches must not drop the earlier ones
         bucket.take_from_hook(i, add_to_fresh=self.accumulation_steps > 1)
         self._norm_cache = None
-        if self.step_in_backward and self._window.sync_gradients:
+        if self.step_in_backward and self._window.sync_gradients and not self._flushing:
             # the window's last micro-batch: its gradient is in the segment now (added in place
             # or folded), so the parameter is updated here and the segment goes stale; no
             # separate update pass, and nothing of this parameter waits for step()

@@ -27,10 +27,12 @@ def _data(rank, step):
 
 def _finish():
     # Every rank is done (rank 0's result file is written and closed) before any tears
-    # gloo down. Then leave without running C++ static destructors: torch's c10d teardown at
-    # process exit occasionally aborts ("terminate called without an active exception",
-    # no Python frame left; about 1 run in 15 here), which would fail a test whose results
-    # are already on disk.
+    # gloo down. Then leave without the interpreter's shutdown: a gloo worker thread that
+    # frees a finished collective's tensors after Python started shutting down cannot take
+    # the GIL and aborts the process ("terminate called without an active exception"; about
+    # 1 run in 15 here), which would fail a test whose results are already on disk. (DDP
+    # keeps the process group alive here, so destroy_process_group cannot join those threads
+    # first, as examples/ddp.py does.)
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
