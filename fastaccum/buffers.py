@@ -429,7 +429,8 @@ class Bucket:
         return [views[i] if ext[i] is None else ext[i] for i in idx]
 
     def has_external(self) -> bool:
-        return self.external.count(None) != len(self.external)
+        # (not list.count(None): that compares each tensor to None through Tensor.__eq__, ~4 us each)
+        return any(g is not None for g in self.external)
 
     def own_external(self) -> None:
         """Copy the gradients read in place into their segments (a checkpoint saves the buffer)."""
@@ -797,6 +798,8 @@ class Bucket:
         view = self.grad_views[i]
         if grad is view or (grad is not None and grad is self._wrappers[i]):
             return True  # the common case: autograd accumulated into the very tensor we attached
+        if type(grad) is Tensor and grad.data_ptr() != view.data_ptr():
+            return False  # a user's tensor elsewhere in memory (the checks below, cheapest first)
         if isinstance(grad, GradView):  # a copied optimizer's view (see GradView.__deepcopy__)
             grad = grad._inner
         grad = local(grad) if grad is not None else None
