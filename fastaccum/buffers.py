@@ -798,7 +798,7 @@ class Bucket:
         view = self.grad_views[i]
         if grad is view or (grad is not None and grad is self._wrappers[i]):
             return True  # the common case: autograd accumulated into the very tensor we attached
-        if type(grad) is Tensor and grad.data_ptr() != view.data_ptr():
+        if type(grad) is Tensor and grad.layout == torch.strided and grad.data_ptr() != view.data_ptr():
             return False  # a user's tensor elsewhere in memory (the checks below, cheapest first)
         if isinstance(grad, GradView):  # a copied optimizer's view (see GradView.__deepcopy__)
             grad = grad._inner
