@@ -1020,20 +1020,25 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         on later steps (``reusable``: a backend keeps its pointer layout on them), while no
         state entry was added or removed since. None when this update is another kind."""
         # (FSDP2 may give a shard a new local tensor: its segments are made every step)
-        if grads is not None or bucket.sharded or len(idx) != len(bucket.params) or bucket.has_external():
+        if grads is not None or bucket.sharded or len(idx) != len(bucket.params):
             return None
         key = id(bucket)
         mark = (id(self.state), len(self.state), self._state_epoch,
                 tuple(self._state_spec(self.param_groups[bucket.group_index])))
         hit = self._segs_cache.get(key)
         if hit is not None and hit[0] == mark and hit[1] is bucket:
-            return hit[2]
+            segs = hit[2]
+            # the segments' own gradients, or this step's (a user's p.grad read in place)
+            segs.grads = bucket.update_grads(idx) if bucket.has_external() else hit[3]
+            return segs
+        if bucket.has_external():
+            return None  # laid out from the segments' own gradients only
         views = self._prepare_state(bucket, idx)
         segs = self._segments(bucket, idx, views, bucket.update_grads(idx), [])
         if hasattr(segs, "reusable"):
             segs.reusable = True
         mark = mark[:1] + (len(self.state),) + mark[2:]  # the state entries _prepare_state made
-        self._segs_cache[key] = (mark, bucket, segs)
+        self._segs_cache[key] = (mark, bucket, segs, segs.grads)
         return segs
 
     def _run_bucket(self, bucket: Bucket, idx: Sequence[int], plan: Tuple[Any, Any]) -> None:

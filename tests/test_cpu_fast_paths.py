@@ -256,3 +256,33 @@ def test_counted_steps_with_a_segment_the_kernels_do_not_take():
     for p, q in zip(ps, tp):
         assert float(opt.state[p]["step"]) == 4.0
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_assigned_grads_run_through_the_laid_out_job():
+    """Steps with user-assigned gradients reuse the bucket's segments and kernel layout (the
+    gradients' addresses are passed for that call only): alternating them with autograd
+    steps, and changing the assigned tensors, stays equal to torch.optim.AdamW."""
+    ps = make()
+    tp = twin(ps)
+    opt = fastaccum.AdamW(ps, lr=1e-2, backend="cpu")
+    ref = torch.optim.AdamW(tp, lr=1e-2)
+    gen = torch.Generator().manual_seed(7)
+    seen = set()
+    for k in range(8):
+        gs = [torch.randn(p.shape, generator=gen) for p in ps]
+        if k % 3 == 1:  # autograd's gradients, into the buffer
+            simulated_loss(ps, gs).backward()
+        else:  # new user tensors each time, read in place
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+        for q, g in zip(tp, gs):
+            q.grad = g.clone()
+        opt.step(), ref.step()
+        opt.zero_grad(), ref.zero_grad()
+        if k >= 1:
+            seen.add(id(opt._segs_cache[id(opt._buckets[0])][2]))
+        for p, q in zip(ps, tp):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert len(seen) == 1
+    segs = opt._segs_cache[id(opt._buckets[0])][2]
+    assert segs.grads is opt._segs_cache[id(opt._buckets[0])][3]  # its own gradients again afterwards

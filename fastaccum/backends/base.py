@@ -45,7 +45,9 @@ class AdamSegments:
     ``reusable``: the optimizer passes this very object again on later steps, with new
     ``steps`` and the same tensors in every other list (the bucket's flat buffer and state
     do not move; a parameter's storage may, so a backend that caches pointers re-checks
-    ``params``). A backend may then keep what it derives from the lists on the object.
+    ``params``), except ``grads``: a step whose gradients are not all the buffer's segments
+    (a user's ``p.grad`` read in place) gets a new ``grads`` list, and the next step the
+    first one again. A backend may then keep what it derives from the lists on the object.
 
     ``step_counts``: given (instead of ``steps``) only to a backend that ``counts_steps``,
     on a reusable update of the whole bucket: the bucket's float32 tensor of the counts
