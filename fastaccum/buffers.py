@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import operator
 import weakref
+from itertools import repeat
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -430,7 +431,7 @@ class Bucket:
 
     def has_external(self) -> bool:
         # (not list.count(None): that compares each tensor to None through Tensor.__eq__, ~4 us each)
-        return any(g is not None for g in self.external)
+        return any(map(operator.is_not, self.external, repeat(None)))
 
     def own_external(self) -> None:
         """Copy the gradients read in place into their segments (a checkpoint saves the buffer)."""
