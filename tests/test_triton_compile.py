@@ -9,10 +9,15 @@ Spills: the cubin Triton assembled must use no local memory and no stack (``cuob
 Triton prints with ``TRITON_DUMP_PTXAS_LOG=1``), and the PTX must have no ``.local`` space.
 ``python tests/test_triton_compile.py --report`` prints registers, stack and spills per variant.
 
+Signs of zero: no kernel may negate a float (Triton up to 3.6 lowers ``-x`` to ``0.0 - x``,
++0.0 for x = -0.0; see triton_kernels' docstring): checked in the kernels' source and, for every
+variant, in the PTX (no subtraction from a +0.0 operand).
+
 The compilation runs in one subprocess per session (this file run as a script): the test
 session has ``TRITON_INTERPRET=1`` (tests/conftest.py, no GPU here), under which Triton's own
 library functions (``tl.sum``, ``tl.randint4x``) are interpreted objects that cannot be compiled.
 """
+import ast
 import contextlib
 import io
 import json
@@ -70,6 +75,18 @@ def _ptxas_report(log):
     return dict(stack_frame=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]), reg=int(r[1]) if r else None)
 
 
+def _subtractions_from_zero(ptx):
+    """PTX float subtractions whose first operand is +0.0 (a literal, or a register moved from
+    one): how ``-x`` comes out of Triton up to 3.6, and it turns -0.0 into +0.0."""
+    zeros = set(re.findall(r"mov\.[bf](?:32|64)\s+(%\w+),\s*0[fd]0+;", ptx))
+    bad = []
+    for line in ptx.splitlines():
+        m = re.match(r"\s*(?:@%\w+\s+)?sub(?:\.r[nzmp])?(?:\.ftz)?\.f(?:32|64)\s+%\w+,\s*([%\w]+),", line)
+        if m and (m[1] in zeros or re.fullmatch(r"0[fd]0+", m[1])):
+            bad.append(line.strip())
+    return bad
+
+
 def _compile_all(out_path):
     import tempfile
 
@@ -113,7 +130,8 @@ def _compile_all(out_path):
                 results.append(dict(name=_name(spec), kernel=spec.kernel.fn.__name__, arch=arch,
                                     constexprs={k: str(v) for k, v in spec.constexprs.items()},
                                     loads=re.findall(r"ld\.global[.\w]*", ptx), local=".local" in ptx,
-                                    res=resources(compiled.asm["cubin"], tmp), ptxas=ptxas))
+                                    res=resources(compiled.asm["cubin"], tmp), ptxas=ptxas,
+                                    zero_minus=_subtractions_from_zero(ptx)))
         # accumulate_ on a length that is a multiple of 16 (Triton specialises that): vectorised
         ptx = build(K._accumulate_spec(torch.bfloat16, False), 90, extra_attrs=("n",))[0].asm["ptx"]
         extra = dict(accumulate_n16_loads=re.findall(r"ld\.global[.\w]*", ptx), n_specs=len(specs),
@@ -178,6 +196,63 @@ def test_resource_reports_are_read(compiled):
     if any(r["ptxas"] for r in results):
         assert all(r["ptxas"] and r["ptxas"]["reg"] for r in results), results[0]
     assert _cuobjdump() is not None or any(r["ptxas"] for r in results), "no resource report: nothing was checked"
+
+
+# ------------------------------------------------------------------ signs of zero
+_KERNEL_SOURCES = ("fastaccum/backends/triton_kernels.py", "fastaccum/backends/triton_backend.py")
+
+
+def _jit_functions(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            for d in node.decorator_list:
+                target = d.func if isinstance(d, ast.Call) else d
+                if isinstance(target, ast.Attribute) and target.attr == "jit":
+                    yield node
+
+
+def _float_negations(source):
+    """``-x`` of a non-literal inside @triton.jit functions: (function, line)."""
+    out = []
+    for fn in _jit_functions(ast.parse(source)):
+        for node in ast.walk(fn):
+            if (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
+                    and not isinstance(node.operand, ast.Constant)):
+                out.append((fn.name, node.lineno))
+    return out
+
+
+def test_negation_lint_catches_a_unary_minus():
+    bad = "@triton.jit\ndef k(x):\n    y = -65536\n    return x + (-x) * y\n"
+    assert _float_negations(bad) == [("k", 4)]
+    assert _float_negations("@triton.jit\ndef k(x):\n    return x * -1.0 - 0x7FFF\n") == []
+
+
+def test_kernels_never_negate_a_value():
+    """Unary minus lowers to ``0.0 - x`` under Triton <= 3.6: -0.0 becomes +0.0 on the GPU
+    (where the interpreter keeps -0.0). Write ``a - b * c`` or ``x * -1.0`` instead."""
+    found = {}
+    for rel in _KERNEL_SOURCES:
+        with open(os.path.join(ROOT, rel)) as fh:
+            hits = _float_negations(fh.read())
+        if hits:
+            found[rel] = hits
+    assert not found, found
+
+
+def test_subtraction_from_zero_detector():
+    old = "mov.b32 \t%r296, 0f00000000;\n\tsub.f32 \t%r297, %r296, %r3;\n\tsub.f32 %r9, %r8, %r3;\n"
+    assert _subtractions_from_zero(old) == ["sub.f32 \t%r297, %r296, %r3;"]
+    assert _subtractions_from_zero("\tsub.rn.f64 %rd3, 0d0000000000000000, %rd2;") != []
+    assert _subtractions_from_zero("\tneg.f32 %r297, %r3;\n\tfma.rn.f32 %r1, %r297, %r2, %r4;") == []
+
+
+def test_no_variant_subtracts_from_zero(compiled):
+    """Every variant's PTX, the bf16 rounding stores' inputs included: no ``0.0 - x`` (with the
+    old ``p + (-step_size) * q`` Triton 3.6 emitted ``sub.f32 %r, 0f00000000, %step_size``, and a
+    -0.0 bf16 parameter came out +0.0 on an H100)."""
+    bad = {f"{r['name']} sm_{r['arch']}": r["zero_minus"][:3] for r in compiled["results"] if r["zero_minus"]}
+    assert not bad, f"triton {compiled['triton']}: {bad}"
 
 
 def _print_report(path):

@@ -49,6 +49,14 @@ integer ops (nearest-even, or stochastic for bf16 moments and for bf16 parameter
 master weights) and keep every NaN a NaN (the ``bits + 0x7FFF + lsb`` trick alone turns NaN
 0x7FFFFFFF into -0.0). All offsets are 64-bit.
 
+Signs of zero: Triton up to 3.6 lowers the unary minus of a float to ``0.0 - x`` (PTX
+``sub.f32 %r, 0f00000000, %x``), which is +0.0 for x = +0.0 where -x is -0.0; the interpreter
+negates. ``p + (-step_size) * q`` with lr = 0 then turned a -0.0 parameter into +0.0 on an H100
+while the interpreter kept it. So no kernel negates a float: ``a - b * c`` instead of
+``a + (-b) * c`` (the same value, zeros included, and the same fused multiply-add), and
+``x * -1.0`` for a sign flip (LLVM makes it ``neg.f32``). tests/test_triton_compile.py checks
+the source for unary minus and every variant's PTX for a subtraction from +0.0.
+
 Every launcher also exists as a ``torch.library`` op (``fastaccum::*``, see the end of this
 module) so that ``torch.compile`` traces around the kernels.
 """
@@ -275,8 +283,9 @@ def _round_store(ptr, offs, mask, x, noise, MODE: tl.constexpr):
 
 @triton.jit
 def _f64(x):
-    """An fp64 tensor from an fp64 scalar argument (the interpreter hands those over as Python floats)."""
-    return x + tl.zeros([], tl.float64)
+    """An fp64 tensor from an fp64 scalar argument (the interpreter hands those over as Python floats).
+    ``x - 0.0``, not ``x + 0.0``: -0.0 + 0.0 is +0.0, -0.0 - 0.0 keeps the sign (and folds away)."""
+    return x - tl.zeros([], tl.float64)
 
 
 @triton.jit
@@ -404,7 +413,7 @@ def _adam_kernel(seg_ptr, tile_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr
     g = tl.load(grad_ptr + flat, mask=gmask, other=0.0)
     g = tl.where(exact, g, 0.0) * tl.load(window_ptr + 7)  # the one multiplier: unscale x normalise x clip
     if maximize != 0:
-        g = -g
+        g = g * -1.0  # not -g: see 'Signs of zero' in the module docstring
     if HAS_MASTER:
         p = tl.load(master_ptr + flat, mask=padded, other=0.0)
     else:
@@ -428,7 +437,7 @@ def _adam_kernel(seg_ptr, tile_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr
         denom = tl.sqrt(vmax) / bc2_sqrt + eps32
     else:
         denom = tl.sqrt(v) / bc2_sqrt + eps32
-    p = p + (-step_size) * (m / denom)
+    p = p - step_size * (m / denom)  # == p + (-step_size) * (m / denom), zeros' signs included
     _round_store(m_ptr, flat, padded, m, r0, S_MODE)
     _round_store(v_ptr, flat, padded, v, r1, S_MODE)
     if HAS_MASTER:
@@ -453,7 +462,7 @@ def _sgd_kernel(seg_ptr, tile_ptr, grad_ptr, buf_ptr, master_ptr, steps_ptr, win
     g = tl.load(grad_ptr + flat, mask=gmask, other=0.0)
     g = tl.where(exact, g, 0.0) * tl.load(window_ptr + 7)
     if maximize != 0:
-        g = -g
+        g = g * -1.0  # not -g: see 'Signs of zero' in the module docstring
     if HAS_MASTER:
         p = tl.load(master_ptr + flat, mask=padded, other=0.0)
     else:
@@ -471,7 +480,7 @@ def _sgd_kernel(seg_ptr, tile_ptr, grad_ptr, buf_ptr, master_ptr, steps_ptr, win
             g = g + mom * b
         else:
             g = b
-    p = p + (-lr32) * g
+    p = p - lr32 * g
     if HAS_MASTER:
         tl.store(master_ptr + flat, p, mask=padded)
     _round_store(p_ptr, idx, exact, p, r3, P_MODE)
