@@ -240,21 +240,36 @@ def new_window_state(device: Union[str, torch.device], loss_scale: float = 1.0) 
 # ================================================================== shared device helpers
 @triton.jit
 def _tile(seg_ptr, tile_ptr, BLOCK: tl.constexpr):
-    """This program's tile: (segment row pointer, flat offsets, exact mask, padded mask, element
-    index, gradient mask)."""
+    """This program's tile: (segment row pointer, its first flat offset, its first element of
+    the parameter, lanes, exact mask, padded mask, gradient mask).
+
+    Offsets are 64-bit, but only as scalars (the tile's starts); per element there is just the
+    int32 lane in ``0..BLOCK-1`` (``ptr + base + lane``). 64-bit offsets and compares for each
+    of a thread's 16 elements cost registers that ptxas 12.8 (triton 3.6) spilled to an 8-byte
+    stack frame in three _sgd_kernel variants."""
     pid = tl.program_id(0).to(tl.int64)
     row = seg_ptr + tl.load(tile_ptr + pid) * 8
     # `// 16 * 16` is a no-op on these (offsets are multiples of 16 by construction, the
     # padded length is rounded up) that tells the compiler so: vector loads and stores.
     off = tl.load(row + 1) // 16 * 16
-    numel = tl.load(row + 2)
-    npad = (numel + 15) // 16 * 16
     start = (pid - tl.load(row + 5)) * BLOCK
-    idx = start + tl.arange(0, BLOCK).to(tl.int64)
+    n = tl.minimum(tl.load(row + 2) - start, BLOCK).to(tl.int32)  # this tile's elements
+    npad = (n + 15) // 16 * 16
+    lane = tl.arange(0, BLOCK)
     # the gradient mask: the padded length, or nothing for a stale segment (0 * npad keeps
     # the divisibility the vector loads need)
-    gmask = idx < npad * tl.load(row + 3)
-    return row, off + idx, idx < numel, idx < npad, idx, gmask
+    gmask = lane < npad * tl.load(row + 3).to(tl.int32)
+    return row, off + start, start, lane, lane < n, lane < npad, gmask
+
+
+@triton.jit
+def _noise(seed, base, lane):
+    """Four independent random 32-bit words per element, for stochastic rounding: Philox keyed
+    by ``seed``, counting (lane, low and high word of the tile's flat offset). The counter
+    words other than the lane are uniform: 32-bit Philox on one int32 vector per element."""
+    c1 = (base & 0xFFFFFFFF).to(tl.uint32)
+    c2 = (base >> 32).to(tl.uint32)
+    return tl.philox(seed, lane, c1, c2, 0)
 
 
 @triton.jit
@@ -307,8 +322,8 @@ def _powi(base, e):
 def _sumsq_kernel(seg_ptr, tile_ptr, grad_ptr, partials_ptr, partial_base: tl.int64, BLOCK: tl.constexpr):
     """Per tile: sum of squares of a fresh segment's gradient (0 for a stale one). No atomics:
     finalize adds the partials in a fixed order. inf/nan propagate: this is the inf check."""
-    row, flat, exact, padded, idx, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
-    g = tl.load(grad_ptr + flat, mask=gmask, other=0.0)
+    row, base, start, lane, exact, padded, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
+    g = tl.load(grad_ptr + base + lane, mask=gmask, other=0.0)
     g = tl.where(exact, g, 0.0)
     tl.store(partials_ptr + partial_base + tl.program_id(0).to(tl.int64), tl.sum(g * g, axis=0))
 
@@ -391,8 +406,8 @@ def _adam_kernel(seg_ptr, tile_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr
                  S_MODE: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(window_ptr + 6) != 0.0:  # finalize decided to skip: nothing changes
         return
-    row, flat, exact, padded, idx, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    row, base, start, lane, exact, padded, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE)) + start
     # bias corrections in fp64 from the device step count, like reference.adam_math's floats
     step = tl.load(steps_ptr + tl.load(row + 4))
     lr = _hyper_lr(lr_ptr, _f64(lr), lr_from_ptr)
@@ -410,39 +425,39 @@ def _adam_kernel(seg_ptr, tile_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr
     wd = weight_decay.to(tl.float32)
     decay = (1.0 - lr * weight_decay).to(tl.float32)
 
-    g = tl.load(grad_ptr + flat, mask=gmask, other=0.0)
+    g = tl.load(grad_ptr + base + lane, mask=gmask, other=0.0)
     g = tl.where(exact, g, 0.0) * tl.load(window_ptr + 7)  # the one multiplier: unscale x normalise x clip
     if maximize != 0:
         g = g * -1.0  # not -g: see 'Signs of zero' in the module docstring
     if HAS_MASTER:
-        p = tl.load(master_ptr + flat, mask=padded, other=0.0)
+        p = tl.load(master_ptr + base + lane, mask=padded, other=0.0)
     else:
-        p = tl.load(p_ptr + idx, mask=exact, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + lane, mask=exact, other=0.0).to(tl.float32)
     if decoupled != 0:
         p = p * decay
     else:
         g = g + wd * p
-    m = tl.load(m_ptr + flat, mask=padded, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + flat, mask=padded, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + base + lane, mask=padded, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + base + lane, mask=padded, other=0.0).to(tl.float32)
     # torch's lerp: two formulas, by the side of 0.5 the weight is on
     if w1 < 0.5:
         m = m + w1 * (g - m)
     else:
         m = g - (g - m) * (1.0 - w1)
     v = v * b2 + w2 * g * g
-    r0, r1, r2, r3 = tl.randint4x(seed, flat)
+    r0, r1, r2, r3 = _noise(seed, base, lane)
     if AMSGRAD:
-        vmax = tl.maximum(tl.load(vmax_ptr + flat, mask=padded, other=0.0).to(tl.float32), v)
-        _round_store(vmax_ptr, flat, padded, vmax, r2, S_MODE)
+        vmax = tl.maximum(tl.load(vmax_ptr + base + lane, mask=padded, other=0.0).to(tl.float32), v)
+        _round_store(vmax_ptr + base, lane, padded, vmax, r2, S_MODE)
         denom = tl.sqrt(vmax) / bc2_sqrt + eps32
     else:
         denom = tl.sqrt(v) / bc2_sqrt + eps32
     p = p - step_size * (m / denom)  # == p + (-step_size) * (m / denom), zeros' signs included
-    _round_store(m_ptr, flat, padded, m, r0, S_MODE)
-    _round_store(v_ptr, flat, padded, v, r1, S_MODE)
+    _round_store(m_ptr + base, lane, padded, m, r0, S_MODE)
+    _round_store(v_ptr + base, lane, padded, v, r1, S_MODE)
     if HAS_MASTER:
-        tl.store(master_ptr + flat, p, mask=padded)
-    _round_store(p_ptr, idx, exact, p, r3, P_MODE)
+        tl.store(master_ptr + base + lane, p, mask=padded)
+    _round_store(p_ptr, lane, exact, p, r3, P_MODE)
 
 
 @triton.jit(do_not_specialize=["lr_from_ptr", "nesterov", "maximize", "seed"])
@@ -453,37 +468,37 @@ def _sgd_kernel(seg_ptr, tile_ptr, grad_ptr, buf_ptr, master_ptr, steps_ptr, win
                 S_MODE: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(window_ptr + 6) != 0.0:
         return
-    row, flat, exact, padded, idx, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    row, base, start, lane, exact, padded, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE)) + start
     lr32 = _hyper_lr(lr_ptr, _f64(lr), lr_from_ptr).to(tl.float32)
     momentum = _f64(momentum)
     dampening = _f64(dampening)
     weight_decay = _f64(weight_decay)
-    g = tl.load(grad_ptr + flat, mask=gmask, other=0.0)
+    g = tl.load(grad_ptr + base + lane, mask=gmask, other=0.0)
     g = tl.where(exact, g, 0.0) * tl.load(window_ptr + 7)
     if maximize != 0:
         g = g * -1.0  # not -g: see 'Signs of zero' in the module docstring
     if HAS_MASTER:
-        p = tl.load(master_ptr + flat, mask=padded, other=0.0)
+        p = tl.load(master_ptr + base + lane, mask=padded, other=0.0)
     else:
-        p = tl.load(p_ptr + idx, mask=exact, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + lane, mask=exact, other=0.0).to(tl.float32)
     g = g + weight_decay.to(tl.float32) * p
-    r0, r1, r2, r3 = tl.randint4x(seed, flat)
+    r0, r1, r2, r3 = _noise(seed, base, lane)
     if HAS_MOMENTUM:
         mom = momentum.to(tl.float32)
         # torch starts the buffer as a copy of the first gradient (no dampening)
         first = tl.load(steps_ptr + tl.load(row + 4)) == 1.0
-        b = tl.load(buf_ptr + flat, mask=padded, other=0.0).to(tl.float32)
+        b = tl.load(buf_ptr + base + lane, mask=padded, other=0.0).to(tl.float32)
         b = tl.where(first, g, b * mom + (1.0 - dampening).to(tl.float32) * g)
-        _round_store(buf_ptr, flat, padded, b, r0, S_MODE)
+        _round_store(buf_ptr + base, lane, padded, b, r0, S_MODE)
         if nesterov != 0:
             g = g + mom * b
         else:
             g = b
     p = p - lr32 * g
     if HAS_MASTER:
-        tl.store(master_ptr + flat, p, mask=padded)
-    _round_store(p_ptr, idx, exact, p, r3, P_MODE)
+        tl.store(master_ptr + base + lane, p, mask=padded)
+    _round_store(p_ptr, lane, exact, p, r3, P_MODE)
 
 
 @triton.jit
