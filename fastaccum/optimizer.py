@@ -826,10 +826,10 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             None if isinstance(divisor, Tensor) else self._window.host_weight_total(divisor, (dist_world() or (1,))[0]))
         # everything that can refuse runs before any kernel (state allocation, hyper-parameters)
         launches = []
-        for _, bucket, table in res.work:
+        for bi, bucket, table in res.work:
             self._prepare_state(bucket, bucket.live_indices())
             group = self.param_groups[bucket.group_index]
-            launches.append((bucket, table, self._device_hyper(group), self._rng_seed(self._stochastic(bucket))))
+            launches.append((bucket, table, self._device_hyper(group), self._device_seed(bi, self._stochastic(bucket))))
         # a kernel that fails leaves the step counts and the window as they were (device
         # copies, no sync), so that a retry does not count a step twice
         saved_steps, saved_window = res.steps.clone(), self._window.state.clone()
@@ -923,6 +923,18 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         # stochastic rounding draws its seed from torch's RNG: runs are reproducible
         # under torch.manual_seed and differ from step to step.
         return int(torch.randint(0, 2**62, (1,)).item()) if needed else 0
+
+    def _device_seed(self, bucket_index: int, needed: bool) -> int:
+        """A bucket's stochastic-rounding seed on the device-resident step: drawn once from
+        torch's RNG and kept, so that a step reads no host value and its kernels' arguments are
+        the same every step (what a captured CUDA graph replays). The noise still changes from
+        step to step: the kernels count it by the parameters' device step counts."""
+        if not needed:
+            return 0
+        seeds = self.__dict__.setdefault("_device_seeds", {})
+        if bucket_index not in seeds:
+            seeds[bucket_index] = self._rng_seed(True)
+        return seeds[bucket_index]
 
     def _stochastic(self, bucket: Bucket) -> bool:
         return self.state_dtype == torch.bfloat16 or (bucket.dtype == torch.bfloat16 and not self.master_weights)

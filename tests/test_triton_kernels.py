@@ -4,6 +4,7 @@ GPU is present.
 
 fp32: assert_close(rtol=1e-5, atol=1e-6); bf16/fp16: error against an fp64 reference at most
 2x the torch backend's error in the same dtype."""
+import contextlib
 import copy
 import math
 import struct
@@ -402,6 +403,59 @@ def test_bf16_rounding_keeps_nan_and_inf(stochastic):
         assert torch.signbit(out[k + 3]) and out[k + 4] == 1.0
 
 
+# ------------------------------------------------------------------ stochastic rounding under replay
+def _bf16_spacing(x):
+    """The distance between the two bf16 values around each fp32 value of ``x``."""
+    e = torch.frexp(x.double())[1]
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), e - 8)
+
+
+def test_stochastic_rounding_noise_follows_the_device_step_count(monkeypatch):
+    """A captured CUDA graph replays its kernels' arguments, the seed included: the noise must
+    change with something the device advances. Two steps with identical inputs and identical
+    arguments round bf16 moments differently (finalize advanced the step count in between),
+    each to one of the two bf16 neighbours of the exact fp32 value; the step count set back on
+    the device gives back the first step's bits. The second step reads no host value."""
+    sizes = (4097, 33)
+    a = Bucket(sizes, torch.float32, torch.bfloat16, seed=4)  # fp32 params, bf16 moments: rounded stochastically
+    _fill_grads(a, 0, [True, True], scale=1.0)
+    start = a.clone()
+    steps = torch.zeros(len(sizes), device=DEVICE)
+    window = K.new_window_state(DEVICE)
+    table = K.SegmentTable.build(a.params, a.offsets, a.numels, [0, 1], [True, True], [0, 1])
+    idx = K.step_index_for([table], DEVICE)
+    hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, seed=11)
+
+    def step():  # the same inputs every time: only the device step count moves
+        a.m.copy_(start.m), a.v.copy_(start.v)
+        for p, q in zip(a.params, start.params):
+            p.copy_(q)
+        K.finalize(None, window, steps, idx, check_finite=False)
+        K.adam_(table, a.grad, a.m, a.v, None, None, steps, window, **hp)
+        return a.m.clone(), a.v.clone()
+
+    m1, v1 = step()
+    with _host_reads(monkeypatch) as seen:
+        m2, v2 = step()
+    assert seen == [], seen
+    assert steps.tolist() == [2.0, 2.0]
+    # the moments do not depend on the step count: the same exact fp32 values, rounded twice
+    g = a.grad.double()
+    m_exact = start.m.double() + float(torch.tensor(1 - 0.9, dtype=torch.float32)) * (g - start.m.double())
+    v_exact = start.v.double() * 0.999 + float(torch.tensor(1 - 0.999, dtype=torch.float32)) * g * g
+    live = torch.cat([torch.arange(o, o + n) for o, n in zip(a.offsets, sizes)]).to(DEVICE)
+    for got1, got2, exact in ((m1, m2, m_exact), (v1, v2, v_exact)):
+        x1, x2, ex = got1[live].double(), got2[live].double(), exact[live]
+        tol = _bf16_spacing(ex.float()) * 1.001
+        assert ((x1 - ex).abs() <= tol).all() and ((x2 - ex).abs() <= tol).all()
+        differ = (x1 != x2).double().mean().item()
+        # independent draws differ for about a third of the elements (2f(1-f) averaged over f)
+        assert 0.2 < differ < 0.5, differ
+    steps.zero_()  # set back on the device: the first step's noise again
+    m3, v3 = step()
+    assert torch.equal(m3, m1) and torch.equal(v3, v1)
+
+
 # ------------------------------------------------------------------ tables
 def test_table_refuses_non_contiguous_and_misaligned():
     p = torch.randn(4, 6, device=DEVICE).t()
@@ -470,19 +524,12 @@ def test_launch_count_148_tensors_two_buckets(request):
     assert steps.tolist() == [1.0] * 148
 
 
-def test_no_host_sync_in_a_step(monkeypatch):
-    """Nothing in sumsq/finalize/update reads a device value on the host: no
-    aten._local_scalar_dense (what .item()/bool()/float() of a tensor dispatch to) and no direct
-    Tensor.item/tolist/__bool__/__float__/__int__ calls from our code.
-
-    Under the interpreter the kernels themselves run on the host, and the interpreter converts
-    tensors to numpy (not through these entry points), so what this covers is the launch code:
-    the Python between and around the kernels. On CUDA the same step also runs under
-    torch.cuda.set_sync_debug_mode('error')."""
+@contextlib.contextmanager
+def _host_reads(monkeypatch):
+    """What reads a tensor's value on the host inside the block: aten._local_scalar_dense (what
+    .item()/bool()/float() dispatch to) and direct Tensor.item/tolist/__bool__/__float__/__int__."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    buckets, tables, bs, steps = _prepared()
-    _one_bucket_step(buckets, bs, steps, tables)  # compile / warm up outside the checks
     seen = []
 
     class Record(TorchDispatchMode):
@@ -498,9 +545,26 @@ def test_no_host_sync_in_a_step(monkeypatch):
             seen.append(_name)
             return _orig(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, name, spy)
-    with Record():
+    try:
+        with Record():
+            yield seen
+    finally:
+        monkeypatch.undo()
+
+
+def test_no_host_sync_in_a_step(monkeypatch):
+    """Nothing in sumsq/finalize/update reads a device value on the host: no
+    aten._local_scalar_dense (what .item()/bool()/float() of a tensor dispatch to) and no direct
+    Tensor.item/tolist/__bool__/__float__/__int__ calls from our code.
+
+    Under the interpreter the kernels themselves run on the host, and the interpreter converts
+    tensors to numpy (not through these entry points), so what this covers is the launch code:
+    the Python between and around the kernels. On CUDA the same step also runs under
+    torch.cuda.set_sync_debug_mode('error')."""
+    buckets, tables, bs, steps = _prepared()
+    _one_bucket_step(buckets, bs, steps, tables)  # compile / warm up outside the checks
+    with _host_reads(monkeypatch) as seen:
         _one_bucket_step(buckets, bs, steps, tables)
-    monkeypatch.undo()
     assert seen == [], seen
     if DEVICE == "cuda":
         torch.cuda.synchronize()

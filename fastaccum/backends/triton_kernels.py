@@ -263,13 +263,18 @@ def _tile(seg_ptr, tile_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _noise(seed, base, lane):
+def _noise(seed, base, lane, step):
     """Four independent random 32-bit words per element, for stochastic rounding: Philox keyed
-    by ``seed``, counting (lane, low and high word of the tile's flat offset). The counter
-    words other than the lane are uniform: 32-bit Philox on one int32 vector per element."""
+    by ``seed``, counting (lane, low and high word of the tile's flat offset, step count).
+
+    The step count is read from device memory (finalize advanced it), so a step replayed from a
+    CUDA graph, whose ``seed`` argument was frozen at capture, still draws fresh noise, and no
+    two (element, step) pairs of a bucket share a counter. The counter words other than the
+    lane are uniform: 32-bit Philox on one int32 vector per element."""
     c1 = (base & 0xFFFFFFFF).to(tl.uint32)
     c2 = (base >> 32).to(tl.uint32)
-    return tl.philox(seed, lane, c1, c2, 0)
+    c3 = step.to(tl.uint32)
+    return tl.philox(seed, lane, c1, c2, c3)
 
 
 @triton.jit
@@ -445,7 +450,7 @@ def _adam_kernel(seg_ptr, tile_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr
     else:
         m = g - (g - m) * (1.0 - w1)
     v = v * b2 + w2 * g * g
-    r0, r1, r2, r3 = _noise(seed, base, lane)
+    r0, r1, r2, r3 = _noise(seed, base, lane, step)
     if AMSGRAD:
         vmax = tl.maximum(tl.load(vmax_ptr + base + lane, mask=padded, other=0.0).to(tl.float32), v)
         _round_store(vmax_ptr + base, lane, padded, vmax, r2, S_MODE)
@@ -470,6 +475,7 @@ def _sgd_kernel(seg_ptr, tile_ptr, grad_ptr, buf_ptr, master_ptr, steps_ptr, win
         return
     row, base, start, lane, exact, padded, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
     p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE)) + start
+    step = tl.load(steps_ptr + tl.load(row + 4))  # already advanced by finalize: 1 on the first step
     lr32 = _hyper_lr(lr_ptr, _f64(lr), lr_from_ptr).to(tl.float32)
     momentum = _f64(momentum)
     dampening = _f64(dampening)
@@ -483,11 +489,11 @@ def _sgd_kernel(seg_ptr, tile_ptr, grad_ptr, buf_ptr, master_ptr, steps_ptr, win
     else:
         p = tl.load(p_ptr + lane, mask=exact, other=0.0).to(tl.float32)
     g = g + weight_decay.to(tl.float32) * p
-    r0, r1, r2, r3 = _noise(seed, base, lane)
+    r0, r1, r2, r3 = _noise(seed, base, lane, step)
     if HAS_MOMENTUM:
         mom = momentum.to(tl.float32)
         # torch starts the buffer as a copy of the first gradient (no dampening)
-        first = tl.load(steps_ptr + tl.load(row + 4)) == 1.0
+        first = step == 1.0
         b = tl.load(buf_ptr + base + lane, mask=padded, other=0.0).to(tl.float32)
         b = tl.where(first, g, b * mom + (1.0 - dampening).to(tl.float32) * g)
         _round_store(buf_ptr + base, lane, padded, b, r0, S_MODE)
@@ -635,7 +641,9 @@ def adam_(table: SegmentTable, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
           master: Optional[Tensor], steps: Tensor, window: Tensor, *, lr: Union[float, Tensor], beta1: float,
           beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool = False, seed: int = 0) -> None:
     """Adam/AdamW over every segment of ``table``: one launch; returns at once on the device when
-    ``window[W_SKIP]`` is set. The gradient is read (times ``window[W_MULTIPLIER]``), never written."""
+    ``window[W_SKIP]`` is set. The gradient is read (times ``window[W_MULTIPLIER]``), never written.
+    ``seed`` keys the stochastic-rounding noise, which is also counted by each parameter's step in
+    ``steps``: the same seed at every step (as a captured CUDA graph replays it) draws new noise."""
     sd = exp_avg.dtype
     table.check_flat("grad", grad)
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", max_exp_avg_sq)):
@@ -656,7 +664,8 @@ def sgd_(table: SegmentTable, grad: Tensor, momentum_buffer: Optional[Tensor], m
          steps: Tensor, window: Tensor, *, lr: Union[float, Tensor], momentum: float = 0.0, dampening: float = 0.0,
          nesterov: bool = False, weight_decay: float = 0.0, maximize: bool = False, seed: int = 0) -> None:
     """SGD (momentum, dampening, nesterov, weight decay) over every segment of ``table``: one
-    launch. The momentum buffer starts as the gradient when ``steps`` reads 1 for the segment."""
+    launch. The momentum buffer starts as the gradient when ``steps`` reads 1 for the segment.
+    ``seed``: as for :func:`adam_`."""
     table.check_flat("grad", grad)
     table.check_flat("momentum_buffer", momentum_buffer, STATE_DTYPES)
     table.check_flat("master", master)
