@@ -578,19 +578,63 @@ def test_no_host_sync_in_a_step(monkeypatch):
 
 # ------------------------------------------------------------------ torch.library ops
 def test_custom_ops_opcheck():
-    """sumsq and finalize pass every opcheck (schema, fake tensors, AOT dispatch). The update op
-    passes schema and fake-tensor checks only: it reaches the parameters through the table's
-    addresses, so functionalisation (which would hand it clones) cannot be honoured; under
-    torch.compile it must run on the real tensors (the caller keeps the step out of
-    functionalised graphs, or rebuilds the table from the tensors it is given)."""
+    """Every op passes every opcheck: schema (it mutates exactly what it declares), fake tensors,
+    and AOT dispatch, where the ops are functionalised: the update ops are then handed copies of
+    the parameters and of the state and must write those, not the tensors the table was built
+    for (the copies are what is copied back)."""
+    from torch.library import opcheck
+
     K.register_ops()
-    ps = [torch.randn(5, device=DEVICE), torch.randn(40, device=DEVICE)]
+    ops = torch.ops.fastaccum
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(5, generator=g).to(DEVICE), torch.randn(40, generator=g).to(DEVICE)]
     t = K.SegmentTable.build(ps, [0, 16], [5, 40], [0, 1], [True, True], [0, 1])
-    grad, parts = torch.randn(64, device=DEVICE), torch.zeros(t.n_tiles, device=DEVICE)
-    torch.library.opcheck(torch.ops.fastaccum.bucket_sumsq, (t.segs, t.tiles, grad, parts, 0))
+    assert t.params == ps and t.addresses == [p.data_ptr() for p in ps]
+    untouched = [p.clone() for p in ps]  # opcheck runs the ops on copies of their arguments
+    grad, parts = torch.randn(64, generator=g).to(DEVICE), torch.zeros(t.n_tiles, device=DEVICE)
+    opcheck(ops.bucket_sumsq, (t.segs, t.tiles, grad, parts, 0))
     w, steps, idx = K.new_window_state(DEVICE), torch.zeros(2, device=DEVICE), torch.tensor([0, 1], device=DEVICE)
-    torch.library.opcheck(torch.ops.fastaccum.finalize, (parts, w, steps, idx, 2.0, 1.0, True, False, 2.0, 0.5, 2000))
-    m, v = torch.zeros(64, device=DEVICE), torch.zeros(64, device=DEVICE)
-    torch.library.opcheck(torch.ops.fastaccum.bucket_adam,
-                          (ps, t.segs, t.tiles, grad, m, v, None, None, steps, w, 1e-3, 0.9, 0.999, 1e-8, 0.0, True,
-                           False, 1), test_utils=("test_schema", "test_faketensor"))
+    opcheck(ops.finalize, (parts, w, steps, idx, 2.0, 1.0, True, False, 2.0, 0.5, 2000))
+    one = lambda x: torch.tensor([x], device=DEVICE)  # noqa: E731
+    opcheck(ops.finalize, (None, w, steps, idx, 1.0, 0.0, False, True, 2.0, 0.5, 2000, one(4.0), one(0.0), one(3.0),
+                           False))
+    steps.fill_(3.0)
+    flat = lambda dt=torch.float32: (torch.rand(64, generator=g) * 0.01).to(dt).to(DEVICE)  # noqa: E731
+    opcheck(ops.bucket_adam, (ps, t.addresses, t.segs, t.tiles, grad, flat(), flat(), None, None, steps, w, 1e-3,
+                              None, 0.9, 0.999, 1e-8, 0.1, True, False, 1))
+    opcheck(ops.bucket_adam, (ps, t.addresses, t.segs, t.tiles, grad, flat(torch.bfloat16), flat(torch.bfloat16),
+                              flat(torch.bfloat16), None, steps, w, 0.0, one(1e-3), 0.9, 0.999, 1e-8, 0.0, False, True,
+                              7))
+    opcheck(ops.bucket_sgd, (ps, t.addresses, t.segs, t.tiles, grad, flat(), None, steps, w, 1e-2, None, 0.9, 0.1,
+                             0.01, False, True, 3))
+    lp = [p.to(torch.bfloat16) for p in ps]  # bf16 parameters with fp32 masters
+    tb = K.SegmentTable.build(lp, [0, 16], [5, 40], [0, 1], [True, True], [0, 1])
+    opcheck(ops.bucket_sgd, (lp, tb.addresses, tb.segs, tb.tiles, grad, None, flat(), steps, w, 1e-2, None, 0.0,
+                             0.0, 0.0, False, False, 3))
+    # the copies were written, not the tensors the tables were built for (opcheck compares the
+    # copies of its eager and AOT runs: had both written the originals, it would see no change)
+    assert all(torch.equal(p, q) for p, q in zip(ps, untouched))
+
+
+def test_an_op_given_other_parameters_writes_those():
+    """What functionalisation does to the update ops, by hand: the op is given copies of the
+    parameters; it updates the copies, exactly as the launcher updates the originals, and leaves
+    the originals (which the table's rows point at) alone."""
+    K.register_ops()
+    a = Bucket((5, 40, 4097), torch.bfloat16, master=False, seed=3)
+    _fill_grads(a, 0, [True] * 3, scale=1.0)
+    b = a.clone()
+    steps, window = torch.zeros(3, device=DEVICE), K.new_window_state(DEVICE)
+    table = K.SegmentTable.build(a.params, a.offsets, a.numels, [0, 1, 2], [True] * 3, [0, 1, 2])
+    K.finalize(None, window, steps, K.step_index_for([table], DEVICE), check_finite=False)
+    before = [p.clone() for p in a.params]
+    copies = [p.clone() for p in a.params]
+    torch.ops.fastaccum.bucket_adam(copies, table.addresses, table.segs, table.tiles, b.grad, b.m, b.v, None, None,
+                                    steps, window, 1e-2, None, 0.9, 0.999, 1e-8, 0.1, True, False, 5)
+    assert all(torch.equal(p, q) for p, q in zip(a.params, before)), "the table's own parameters were written"
+    K.adam_(table, a.grad, a.m, a.v, None, None, steps, window, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+            weight_decay=0.1, decoupled=True, seed=5)
+    assert not any(torch.equal(p, q) for p, q in zip(a.params, before))
+    for p, q in zip(a.params, copies):
+        assert torch.equal(p, q)
+    assert torch.equal(a.m, b.m) and torch.equal(a.v, b.v)

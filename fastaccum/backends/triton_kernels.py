@@ -78,7 +78,8 @@ except ImportError as e:  # the caller routes to the torch backend with this rea
 
 __all__ = [
     "BLOCK", "NUM_WARPS", "ALIGN", "SegmentTable", "new_window_state", "step_index_for",
-    "sumsq", "finalize", "adam_", "sgd_", "accumulate_", "BucketStep", "specializations",
+    "sumsq", "finalize", "adam_", "sgd_", "accumulate_", "BucketStep", "specializations", "deferred", "replay",
+    "register_ops",
     "W_LOSS_SCALE", "W_GROWTH_TRACKER", "W_SKIPPED", "W_SQNORM", "W_NORM", "W_FOUND_INF", "W_SKIP",
     "W_MULTIPLIER", "W_CLIP_COEF", "WINDOW_SLOTS",
 ]
@@ -139,7 +140,7 @@ class SegmentTable:
     """
 
     def __init__(self, *, data: Tensor, host: Tensor, n_segments: int, n_tiles: int, param_dtype: torch.dtype,
-                 flat_extent: int, key: tuple, step_index: List[int]) -> None:
+                 flat_extent: int, key: tuple, step_index: List[int], params: Sequence[Tensor]) -> None:
         self.data = data
         self._host = host  # the (pinned) source of the H2D copy must outlive the copy
         self.n_segments = n_segments
@@ -148,6 +149,10 @@ class SegmentTable:
         self.flat_extent = flat_extent  # flat tensors need at least this many elements
         self.key_ = key
         self.step_index = step_index
+        #: the listed parameters, in row order, and the addresses the rows hold (the custom ops
+        #: are handed the tensors, and re-address the rows when given others: see _addressed)
+        self.params = list(params)
+        self.addresses = [p.data_ptr() for p in self.params]
         self.device = data.device
         self.segs = data[: n_segments * S_FIELDS]
         self.tiles = data[n_segments * S_FIELDS:]
@@ -207,7 +212,7 @@ class SegmentTable:
             host, data = packed, packed.to(device)
         key = cls.key(params, segments, fresh)
         return cls(data=data, host=host, n_segments=n_seg, n_tiles=first, param_dtype=dtype, flat_extent=extent,
-                   key=key, step_index=list(step_index))
+                   key=key, step_index=list(step_index), params=[params[i] for i in segments])
 
     def check_flat(self, name: str, t: Optional[Tensor], dtypes=(torch.float32,)) -> None:
         if t is None:
@@ -587,14 +592,62 @@ def _launch(spec: Spec, grid, *args, **scalars) -> None:
 
 
 # ================================================================== launchers
+# Each launcher checks its arguments, then hands the kernel's arguments, in the order of its
+# ``torch.library`` op, to _dispatch: launched now (eager), called as the op (while
+# torch.compile traces: the op is opaque to it), or recorded by :func:`deferred` for the
+# optimizer's compiled step to replay as ops.
+_RECORDING: Optional[List[tuple]] = None
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[List[tuple]]:
+    """Record the launches of :func:`sumsq`, :func:`finalize`, :func:`adam_` and :func:`sgd_`
+    made inside the block instead of running them: a list of ``(op, args)`` for :func:`replay`.
+
+    The optimizer's step under ``torch.compile`` runs its host side eagerly in this block and
+    replays the launches as the ``fastaccum::*`` ops in the compiled graph. They run after the
+    block: code inside it must not read what they write (nothing in a resident step does: every
+    decision is on the device)."""
+    global _RECORDING
+    outer, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = outer
+
+
+def replay(calls: Sequence[tuple]) -> None:
+    """Run what :func:`deferred` recorded, as ``fastaccum::*`` op calls (traced by torch.compile)."""
+    for op, args in calls:
+        op(*args)
+
+
+def _dispatch(name: str, args: tuple) -> None:
+    if _RECORDING is not None:
+        _RECORDING.append((_op(name), args))
+    elif torch.compiler.is_compiling():
+        _op(name)(*args)
+    else:
+        _IMPLS[name](*args, readdress=False)
+
+
+def _op(name: str):
+    _define_ops()
+    return getattr(torch.ops.fastaccum, name).default
+
+
 def sumsq(table: SegmentTable, grad: Tensor, partials: Tensor, base: int = 0) -> None:
     """Write ``table.n_tiles`` partial sums of squares of the fresh segments' gradient into
     ``partials[base : base + table.n_tiles]`` (stale segments count 0). One launch, no sync."""
     table.check_flat("grad", grad)
     if partials.numel() < base + table.n_tiles or partials.dtype != torch.float32:
         raise ValueError(f"partials needs {base + table.n_tiles} fp32 elements, got {partials.numel()} {partials.dtype}")
+    _dispatch("bucket_sumsq", (table.segs, table.tiles, grad, partials, int(base)))
+
+
+def _sumsq_impl(segs: Tensor, tiles: Tensor, grad: Tensor, partials: Tensor, base: int, readdress: bool = True) -> None:
     with _device_guard(grad):
-        _launch(_SUMSQ_SPEC, (table.n_tiles,), table.segs, table.tiles, grad, partials, base)
+        _launch(_SUMSQ_SPEC, (tiles.numel(),), segs, tiles, grad, partials, base)
 
 
 def finalize(partials: Optional[Tensor], window: Tensor, steps: Tensor, step_index: Tensor, *,
@@ -616,25 +669,36 @@ def finalize(partials: Optional[Tensor], window: Tensor, steps: Tensor, step_ind
         raise ValueError(f"window must be an fp32 tensor of {WINDOW_SLOTS} slots (new_window_state)")
     if steps.dtype != torch.float32 or step_index.dtype != torch.int64:
         raise ValueError("steps must be fp32 and step_index int64")
-    n_partials = 0 if partials is None else partials.numel()
     div_t = weight_divisor if isinstance(weight_divisor, Tensor) else None
+    _dispatch("finalize", (partials, window, steps, step_index, 1.0 if div_t is not None else float(weight_divisor),
+                           float(max_norm or 0.0), bool(check_finite), bool(dynamic), float(growth_factor),
+                           float(backoff_factor), int(growth_interval), grad_scale, found_inf, div_t,
+                           bool(scale_applied)))
+
+
+def _finalize_impl(partials: Optional[Tensor], window: Tensor, steps: Tensor, step_index: Tensor,
+                   weight_divisor: float, max_norm: float, check_finite: bool, dynamic: bool, growth_factor: float,
+                   backoff_factor: float, growth_interval: int, grad_scale: Optional[Tensor] = None,
+                   found_inf: Optional[Tensor] = None, divisor: Optional[Tensor] = None, scale_applied: bool = True,
+                   readdress: bool = True) -> None:
+    n_partials = 0 if partials is None else partials.numel()
     with _device_guard(window):
         _launch(_FINALIZE_SPEC, (1,),
                 window if partials is None else partials, n_partials, window, steps, step_index, step_index.numel(),
                 window if grad_scale is None else grad_scale, window if found_inf is None else found_inf,
-                window if div_t is None else div_t,
-                1.0 if div_t is not None else float(weight_divisor), float(max_norm or 0.0),
+                window if divisor is None else divisor, float(weight_divisor), float(max_norm),
                 float(growth_factor), float(backoff_factor), float(growth_interval),
-                int(grad_scale is not None), int(found_inf is not None), int(div_t is not None),
+                int(grad_scale is not None), int(found_inf is not None), int(divisor is not None),
                 int(check_finite), int(dynamic), int(scale_applied))
 
 
 def _lr_args(lr: Union[float, Tensor], window: Tensor):
+    """(lr as a Python float, lr as a 1-element fp32 tensor or None)."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or lr.device != window.device:
             raise ValueError("a tensor lr must have one element and live on the parameters' device")
-        return lr if lr.dtype == torch.float32 else lr.float(), 0.0, 1
-    return window, float(lr), 0
+        return 0.0, lr if lr.dtype == torch.float32 else lr.float()
+    return float(lr), None
 
 
 def adam_(table: SegmentTable, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor],
@@ -651,13 +715,25 @@ def adam_(table: SegmentTable, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     table.check_flat("master", master)
     if table.param_dtype == torch.float16 and master is None:
         raise ValueError("float16 parameters need fp32 master weights")
-    spec = _adam_spec(table.param_dtype, master is not None, sd, max_exp_avg_sq is not None)
-    lr_t, lr_f, lr_from_ptr = _lr_args(lr, window)
+    lr_f, lr_t = _lr_args(lr, window)
+    _dispatch("bucket_adam", (table.params, table.addresses, table.segs, table.tiles, grad, exp_avg, exp_avg_sq,
+                              max_exp_avg_sq, master, steps, window, lr_f, lr_t, float(beta1), float(beta2),
+                              float(eps), float(weight_decay), bool(decoupled), bool(maximize),
+                              int(seed) & 0x7FFFFFFF))
+
+
+def _adam_impl(params: List[Tensor], addrs: List[int], segs: Tensor, tiles: Tensor, grad: Tensor, exp_avg: Tensor,
+               exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor], master: Optional[Tensor], steps: Tensor,
+               window: Tensor, lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float, eps: float,
+               weight_decay: float, decoupled: bool, maximize: bool, seed: int, readdress: bool = True) -> None:
+    if readdress:
+        segs = _addressed(segs, params, addrs)
+    spec = _adam_spec(params[0].dtype, master is not None, exp_avg.dtype, max_exp_avg_sq is not None)
     with _device_guard(grad):
-        _launch(spec, (table.n_tiles,), table.segs, table.tiles, grad, exp_avg, exp_avg_sq,
+        _launch(spec, (tiles.numel(),), segs, tiles, grad, exp_avg, exp_avg_sq,
                 exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq, grad if master is None else master,
-                steps, window, lr_t, lr_f, float(beta1), float(beta2), float(eps), float(weight_decay),
-                lr_from_ptr, int(decoupled), int(maximize), int(seed) & 0x7FFFFFFF)
+                steps, window, window if lr_tensor is None else lr_tensor, lr, beta1, beta2, eps, weight_decay,
+                int(lr_tensor is not None), int(decoupled), int(maximize), seed & 0x7FFFFFFF)
 
 
 def sgd_(table: SegmentTable, grad: Tensor, momentum_buffer: Optional[Tensor], master: Optional[Tensor],
@@ -671,14 +747,41 @@ def sgd_(table: SegmentTable, grad: Tensor, momentum_buffer: Optional[Tensor], m
     table.check_flat("master", master)
     if (momentum != 0) != (momentum_buffer is not None):
         raise ValueError("pass a momentum_buffer exactly when momentum != 0")
+    lr_f, lr_t = _lr_args(lr, window)
+    _dispatch("bucket_sgd", (table.params, table.addresses, table.segs, table.tiles, grad, momentum_buffer, master,
+                             steps, window, lr_f, lr_t, float(momentum), float(dampening), float(weight_decay),
+                             bool(nesterov), bool(maximize), int(seed) & 0x7FFFFFFF))
+
+
+def _sgd_impl(params: List[Tensor], addrs: List[int], segs: Tensor, tiles: Tensor, grad: Tensor,
+              momentum_buffer: Optional[Tensor], master: Optional[Tensor], steps: Tensor, window: Tensor, lr: float,
+              lr_tensor: Optional[Tensor], momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+              maximize: bool, seed: int, readdress: bool = True) -> None:
+    if readdress:
+        segs = _addressed(segs, params, addrs)
     sd = momentum_buffer.dtype if momentum_buffer is not None else torch.float32
-    spec = _sgd_spec(table.param_dtype, master is not None, sd, momentum_buffer is not None)
-    lr_t, lr_f, lr_from_ptr = _lr_args(lr, window)
+    spec = _sgd_spec(params[0].dtype, master is not None, sd, momentum_buffer is not None)
     with _device_guard(grad):
-        _launch(spec, (table.n_tiles,), table.segs, table.tiles, grad, grad if momentum_buffer is None else
-                momentum_buffer, grad if master is None else master, steps, window, lr_t, lr_f,
-                float(momentum), float(dampening), float(weight_decay), lr_from_ptr, int(nesterov), int(maximize),
-                int(seed) & 0x7FFFFFFF)
+        _launch(spec, (tiles.numel(),), segs, tiles, grad, grad if momentum_buffer is None else momentum_buffer,
+                grad if master is None else master, steps, window, window if lr_tensor is None else lr_tensor, lr,
+                momentum, dampening, weight_decay, int(lr_tensor is not None), int(nesterov), int(maximize),
+                seed & 0x7FFFFFFF)
+
+
+def _addressed(segs: Tensor, params: Sequence[Tensor], addrs: Sequence[int]) -> Tensor:
+    """``segs`` with its rows pointing at ``params``: the kernels write the parameters through
+    the addresses in the table, and a traced graph may hand the op other tensors than the ones
+    the table was built for (functionalisation passes copies, and copies them back after the
+    op). Rebuilt on the device, no sync; the table itself is left as it is."""
+    ptrs = [p.data_ptr() for p in params]
+    if ptrs == list(addrs):
+        return segs
+    rows = segs.reshape(len(params), S_FIELDS).clone()
+    new = torch.tensor(ptrs, dtype=torch.int64)
+    if segs.device.type == "cuda":
+        new = new.pin_memory()
+    rows[:, S_ADDR] = new.to(segs.device, non_blocking=True)
+    return rows.reshape(-1)
 
 
 def accumulate_(dst: Tensor, src: Tensor, alpha: float = 1.0, sumsq_out: Optional[Tensor] = None) -> None:
@@ -748,10 +851,12 @@ class BucketStep:
 
 
 # ================================================================== torch.library ops
-# Declared with the tensors they mutate so torch.compile orders them correctly. The
-# parameters are reached through the table's addresses: they are passed as ``params`` (and
-# declared mutated) so that the graph knows, and the tables must describe those very tensors
-# (the caller rebuilds a table when a data_ptr changes; see SegmentTable.key).
+# One op per launcher, declared with the tensors it mutates so that torch.compile orders and
+# functionalises them correctly. The parameters are reached through the table's addresses:
+# they are passed as ``params`` (declared mutated), with the addresses the table holds, and an
+# op given other tensors (functionalisation's copies) writes those (see _addressed).
+_IMPLS = {"bucket_sumsq": _sumsq_impl, "finalize": _finalize_impl, "bucket_adam": _adam_impl,
+          "bucket_sgd": _sgd_impl}
 _OPS_DEFINED = False
 
 
@@ -763,44 +868,44 @@ def _define_ops() -> None:
 
     @custom_op("fastaccum::bucket_sumsq", mutates_args=("partials",))
     def bucket_sumsq(segs: Tensor, tiles: Tensor, grad: Tensor, partials: Tensor, base: int) -> None:
-        with _device_guard(grad):
-            _launch(_SUMSQ_SPEC, (tiles.numel(),), segs, tiles, grad, partials, base)
-
-    @bucket_sumsq.register_fake
-    def _(segs, tiles, grad, partials, base):
-        return None
+        _sumsq_impl(segs, tiles, grad, partials, base)
 
     @custom_op("fastaccum::finalize", mutates_args=("window", "steps"))
-    def finalize_op(partials: Tensor, window: Tensor, steps: Tensor, step_index: Tensor, weight_divisor: float,
-                    max_norm: float, check_finite: bool, dynamic: bool, growth_factor: float, backoff_factor: float,
-                    growth_interval: int) -> None:
-        finalize(partials, window, steps, step_index, weight_divisor=weight_divisor, max_norm=max_norm,
-                 check_finite=check_finite, dynamic=dynamic, growth_factor=growth_factor,
-                 backoff_factor=backoff_factor, growth_interval=growth_interval)
-
-    @finalize_op.register_fake
-    def _(*args):
-        return None
+    def finalize_op(partials: Optional[Tensor], window: Tensor, steps: Tensor, step_index: Tensor,
+                    weight_divisor: float, max_norm: float, check_finite: bool, dynamic: bool, growth_factor: float,
+                    backoff_factor: float, growth_interval: int, grad_scale: Optional[Tensor] = None,
+                    found_inf: Optional[Tensor] = None, divisor: Optional[Tensor] = None,
+                    scale_applied: bool = True) -> None:
+        _finalize_impl(partials, window, steps, step_index, weight_divisor, max_norm, check_finite, dynamic,
+                       growth_factor, backoff_factor, growth_interval, grad_scale, found_inf, divisor, scale_applied)
 
     @custom_op("fastaccum::bucket_adam", mutates_args=("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"))
-    def bucket_adam(params: List[Tensor], segs: Tensor, tiles: Tensor, grad: Tensor, exp_avg: Tensor,
-                    exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor], master: Optional[Tensor], steps: Tensor,
-                    window: Tensor, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                    decoupled: bool, maximize: bool, seed: int) -> None:
-        spec = _adam_spec(params[0].dtype, master is not None, exp_avg.dtype, max_exp_avg_sq is not None)
-        with _device_guard(grad):
-            _launch(spec, (tiles.numel(),), segs, tiles, grad, exp_avg, exp_avg_sq,
-                    exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq, grad if master is None else master,
-                    steps, window, window, lr, beta1, beta2, eps, weight_decay, 0, int(decoupled), int(maximize),
-                    seed & 0x7FFFFFFF)
+    def bucket_adam(params: List[Tensor], addrs: List[int], segs: Tensor, tiles: Tensor, grad: Tensor,
+                    exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor], master: Optional[Tensor],
+                    steps: Tensor, window: Tensor, lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float,
+                    eps: float, weight_decay: float, decoupled: bool, maximize: bool, seed: int) -> None:
+        _adam_impl(params, addrs, segs, tiles, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, steps, window, lr,
+                   lr_tensor, beta1, beta2, eps, weight_decay, decoupled, maximize, seed)
 
-    @bucket_adam.register_fake
-    def _(*args):
-        return None
+    @custom_op("fastaccum::bucket_sgd", mutates_args=("params", "momentum_buffer", "master"))
+    def bucket_sgd(params: List[Tensor], addrs: List[int], segs: Tensor, tiles: Tensor, grad: Tensor,
+                   momentum_buffer: Optional[Tensor], master: Optional[Tensor], steps: Tensor, window: Tensor,
+                   lr: float, lr_tensor: Optional[Tensor], momentum: float, dampening: float, weight_decay: float,
+                   nesterov: bool, maximize: bool, seed: int) -> None:
+        _sgd_impl(params, addrs, segs, tiles, grad, momentum_buffer, master, steps, window, lr, lr_tensor, momentum,
+                  dampening, weight_decay, nesterov, maximize, seed)
+
+    # the ops write their arguments in place and return nothing: under fake tensors, nothing to do
+    for op in (bucket_sumsq, finalize_op, bucket_adam, bucket_sgd):
+        op.register_fake(_no_output)
 
     _OPS_DEFINED = True
 
 
+def _no_output(*args, **kwargs) -> None:
+    return None
+
+
 def register_ops() -> None:
-    """Define the ``fastaccum::bucket_sumsq`` / ``finalize`` / ``bucket_adam`` ops (idempotent)."""
+    """Define the ``fastaccum::bucket_sumsq`` / ``finalize`` / ``bucket_adam`` / ``bucket_sgd`` ops (idempotent)."""
     _define_ops()
