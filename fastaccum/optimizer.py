@@ -640,11 +640,18 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         In managed mode (``accumulation_steps > 1``) this is a no-op while a window is in
         progress, so ``zero_grad()`` may be called after every micro-batch.
         """
+        if torch.compiler.is_compiling():  # host bookkeeping only: run eagerly (a graph break)
+            self._zero_grad_eagerly(set_to_none)
+            return
         if self._window.micro_step != 0 or self._no_buffer:
             return
         for bucket in self._buckets:
             bucket.clear(set_to_none)
         self._end_window()
+
+    @torch.compiler.disable
+    def _zero_grad_eagerly(self, set_to_none: bool) -> None:
+        self.zero_grad(set_to_none)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, *, grad_scale: Optional[Tensor] = None,
@@ -653,7 +660,14 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
 
         ``grad_scale``/``found_inf`` are what ``torch.amp.GradScaler`` provides (it sets them
         as attributes when driving this optimizer); they are folded into the same update.
+        Inside a function compiled with ``torch.compile``: see :meth:`_step_compiled`.
         """
+        if torch.compiler.is_compiling():
+            return self._step_compiled(closure, grad_scale, found_inf)
+        return self._step(closure, grad_scale, found_inf)
+
+    def _step(self, closure: Optional[Callable[[], Any]], grad_scale: Optional[Tensor],
+              found_inf: Optional[Tensor]) -> Any:
         if self._taken_over:
             raise RuntimeError("a newer fastaccum optimizer was created over some of this optimizer's parameters "
                                "and took them over (only one can own their gradient buffers): step the newer "
@@ -678,6 +692,39 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         if self._window.advance():
             self._update(grad_scale, found_inf)
         return loss
+
+    # --------------------------------------------------------------- torch.compile
+    def _step_compiled(self, closure: Optional[Callable[[], Any]], grad_scale: Optional[Tensor],
+                       found_inf: Optional[Tensor]) -> Any:
+        """``step()`` in a function that ``torch.compile`` traces.
+
+        A step's host side (the window's count, the buckets' p.grad bookkeeping, the segment
+        tables, every argument check) is Python over host state, different at every call: it
+        runs eagerly, as a graph break (:meth:`_host_step`), with the bucket kernels' launches
+        recorded instead of run. The launches are then replayed as the ``fastaccum::*`` custom
+        ops (backends/triton_kernels.py), which the compiled graph calls: opaque to the
+        compiler, with fake implementations and the tensors they write declared, so that the
+        graph orders them with what surrounds the step (and a functionalising backend hands
+        them copies, which they write). Without bucket kernels (cpu and torch backends,
+        ``step_in_backward``) the whole step runs in the graph break. ``fullgraph=True`` cannot
+        hold: a step always has host work.
+        """
+        loss, calls = self._host_step(closure, grad_scale, found_inf)
+        if calls:
+            self._resident.kernels.replay(calls)
+        return loss
+
+    @torch.compiler.disable
+    def _host_step(self, closure: Optional[Callable[[], Any]], grad_scale: Optional[Tensor],
+                   found_inf: Optional[Tensor]) -> Tuple[Any, List[Any]]:
+        """The step, eagerly, and the bucket-kernel launches it recorded (run after it returns:
+        nothing in a device-resident step reads what they write)."""
+        with torch.no_grad():
+            if self._resident is None:
+                return self._step(closure, grad_scale, found_inf), []
+            with self._resident.kernels.deferred() as calls:
+                loss = self._step(closure, grad_scale, found_inf)
+            return loss, list(calls)
 
     # --------------------------------------------------------------- internals
     def _tokens_per_step(self) -> float:
