@@ -163,7 +163,7 @@ def test_stochastic_rounding_steps_repeat_their_arguments_and_read_nothing(monke
 
     model = gpt2_like(dtype=torch.bfloat16)
     opt = fastaccum.AdamW(groups(model), lr=1e-3, backend="triton", state_dtype=torch.bfloat16,
-                          master_weights=master_weights, accumulation_steps=2)
+                          master_weights=master_weights, accumulation_steps=2, capturable=True)
     launches = []
     real = K._launch
 

@@ -57,8 +57,9 @@ while the interpreter kept it. So no kernel negates a float: ``a - b * c`` inste
 ``x * -1.0`` for a sign flip (LLVM makes it ``neg.f32``). tests/test_triton_compile.py checks
 the source for unary minus and every variant's PTX for a subtraction from +0.0.
 
-Every launcher also exists as a ``torch.library`` op (``fastaccum::*``, see the end of this
-module) so that ``torch.compile`` traces around the kernels.
+The step's launchers (``sumsq``, ``finalize``, ``adam_``, ``sgd_``) also exist as ``torch.library``
+ops (``fastaccum::*``, see the end of this module) so that ``torch.compile`` traces around the
+kernels: called as ops while it traces, or recorded (:func:`deferred`) and replayed as ops.
 """
 from __future__ import annotations
 
