@@ -677,13 +677,14 @@ class Bucket:
         if settled:  # every p.grad is its attached view (settled() said so, and nothing ran since)
             for p in self.params:
                 p.grad = None
+            self.garbage = [True] * n  # every segment was fresh
         else:
             external = self.external
             for i, p in enumerate(self.params):  # consume(i) for every i, the flags below in one go
                 g = p.grad
                 if g is not None and (g is external[i] or self.owns_grad(i, g)):
                     p.grad = None
-        self.garbage = [g or f for g, f in zip(self.garbage, self.fresh)]
+            self.garbage = [g or f for g, f in zip(self.garbage, self.fresh)]
         self.fresh = [False] * n
         self.reduced = [False] * n
         self.scale = [1.0] * n

@@ -13,13 +13,16 @@ gradient overwrites them.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
 import weakref
+from itertools import repeat
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 
 from .arguments import document_args
@@ -46,6 +49,25 @@ _SKIP_WARN_AFTER = 10
 # torch.utils.swap_tensors (model.to(...) with swapping). An id cannot be reused while its
 # optimizer lives (it holds the parameter); dead entries are dropped by _release.
 _OWNERS: Dict[int, "weakref.ref[AccumOptimizer]"] = {}
+
+
+def _step_wrapper(step: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.optim wraps every ``step`` to run the step pre/post hooks and to label it for
+    the profiler; its ``record_function`` costs a few microseconds per step even with no
+    profiler running. This runs torch's own wrapper whenever a hook is registered or a
+    profiler is on, and the plain step otherwise (``hooked``: torch then leaves it as is)."""
+    hooked = torch.optim.Optimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self: "AccumOptimizer", *args: Any, **kwargs: Any) -> Any:
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks
+                or torch._C._autograd._profiler_enabled()):
+            return hooked(self, *args, **kwargs)
+        return step(self, *args, **kwargs)
+
+    wrapper.hooked = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
@@ -653,7 +675,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
     def _zero_grad_eagerly(self, set_to_none: bool) -> None:
         self.zero_grad(set_to_none)
 
-    @torch.no_grad()
+    @_step_wrapper
     def step(self, closure: Optional[Callable[[], Any]] = None, *, grad_scale: Optional[Tensor] = None,
              found_inf: Optional[Tensor] = None) -> Any:
         """Count a micro-batch; on the last one of the window, update every parameter.
@@ -664,7 +686,12 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         """
         if torch.compiler.is_compiling():
             return self._step_compiled(closure, grad_scale, found_inf)
-        return self._step(closure, grad_scale, found_inf)
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad(), without its context object per call
+        try:
+            return self._step(closure, grad_scale, found_inf)
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
 
     def _step(self, closure: Optional[Callable[[], Any]], grad_scale: Optional[Tensor],
               found_inf: Optional[Tensor]) -> Any:
@@ -711,7 +738,8 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         """
         loss, calls = self._host_step(closure, grad_scale, found_inf)
         if calls:
-            self._resident.kernels.replay(calls)
+            with torch.no_grad():  # the ops write parameters in place
+                self._resident.kernels.replay(calls)
         return loss
 
     @torch.compiler.disable
@@ -789,8 +817,8 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         for group in self.param_groups:
             # a group whose values are the ones checked last step (same numbers, no tensors)
             # is valid: a scheduler changing lr makes one check, not one per parameter
-            values = tuple(v for k, v in group.items() if k != "params")
-            if any(isinstance(v, Tensor) for v in values):
+            values = tuple([v for k, v in group.items() if k != "params"])
+            if any(map(isinstance, values, repeat(Tensor))):
                 values = None
             elif checked.get(id(group)) == values:
                 continue
@@ -1006,11 +1034,13 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
     ) -> Tuple[Any, Any]:
         """The kernel's (segments, hyper-parameters); changes no parameter and no step count."""
         group = self.param_groups[bucket.group_index]
-        steps = bucket.steps.tolist()
         segs = self._cached_segments(bucket, idx, grads)
-        if segs is not None:
-            segs.steps = [int(s) + 1 for s in steps]
+        if segs is not None and bucket.backend.counts_steps and hasattr(segs, "step_counts"):
+            segs.step_counts = bucket.steps  # the backend adds one to each count (_run_bucket does not)
+        elif segs is not None:
+            segs.steps = [int(s) + 1 for s in bucket.steps.tolist()]
         else:
+            steps = bucket.steps.tolist()
             views = self._prepare_state(bucket, idx)
             segs = self._segments(
                 bucket, idx, views,
@@ -1043,7 +1073,9 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         return segs
 
     def _run_bucket(self, bucket: Bucket, idx: Sequence[int], plan: Tuple[Any, Any]) -> None:
-        if len(idx) == len(bucket.params):
+        if getattr(plan[0], "step_counts", None) is not None:
+            pass  # counted by the backend, once its update has run
+        elif len(idx) == len(bucket.params):
             bucket.steps += 1
         else:
             bucket.steps[list(idx)] += 1

@@ -27,11 +27,13 @@ from torch import Tensor
 from .scaling import LossScaler
 
 
+_DIST = torch.distributed if torch.distributed.is_available() else None
+
+
 def dist_world() -> Optional[Tuple[int, str]]:
     """The default process group's (world size, backend) when torch.distributed runs, else None."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_world_size(), dist.get_backend()
+    if _DIST is not None and _DIST.is_initialized() and _DIST.get_world_size() > 1:
+        return _DIST.get_world_size(), _DIST.get_backend()
     return None
 
 

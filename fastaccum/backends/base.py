@@ -46,6 +46,12 @@ class AdamSegments:
     ``steps`` and the same tensors in every other list (the bucket's flat buffer and state
     do not move; a parameter's storage may, so a backend that caches pointers re-checks
     ``params``). A backend may then keep what it derives from the lists on the object.
+
+    ``step_counts``: given (instead of ``steps``) only to a backend that ``counts_steps``,
+    on a reusable update of the whole bucket: the bucket's float32 tensor of the counts
+    *before* this step, one per segment (``state["step"]`` views into it). The backend adds
+    one to each count once the update has run and uses the new counts, so the step does not
+    read the counts out and add one in a pass of its own.
     """
 
     params: List[Tensor]
@@ -56,6 +62,7 @@ class AdamSegments:
     masters: Optional[List[Tensor]]
     steps: List[int]
     reusable: bool = False
+    step_counts: Optional[Tensor] = None
 
 
 # The hyper-parameters are spelled here and nowhere else: the optimizer fills these
@@ -120,6 +127,8 @@ class Backend(abc.ABC):
     #: True when ``accumulate_(..., result_sumsq=True)`` returns the squared norm of the
     #: result in the same pass as the add (the buckets then fuse the norm into the last fold)
     fuses_result_norm: ClassVar[bool] = False
+    #: True when ``adam_`` takes ``AdamSegments.step_counts`` and counts the steps itself
+    counts_steps: ClassVar[bool] = False
 
     def supports(self, device: torch.device) -> bool:
         return device.type in self.device_types
