@@ -252,8 +252,11 @@ class Bucket:
         # (the copy of a window's first gradient, every bf16/fp16 fold). A gradient that
         # autograd added into an fp32 view in place is not seen: the micro-batch is then
         # incomplete (``micro_missed``) and does not report (noise_scale.py).
+        # ``device_measures``: the device-resident step, where the norms stay device tensors
+        # (summed without a read) instead of floats.
         self.measure = False
-        self.micro_sumsq = 0.0
+        self.device_measures = False
+        self.micro_sumsq: Any = 0.0
         self.micro_seen: set = set()
         self.micro_missed = False
 
@@ -308,6 +311,7 @@ class Bucket:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("device_measures", False)  # pickled before it existed
         if "external" not in state:  # pickled before these existed
             self._init_fast_state()
         self.seg_sumsq = [None] * len(self.params)  # a copy's buffer has its own version counter
@@ -341,15 +345,25 @@ class Bucket:
         if measured and self.measure:
             # the accumulate kernel's side output where the backend has one (cpu, triton)
             s = self.backend.accumulate_sumsq_(self.grad_views[i], grad, alpha)
-            self._record_sumsq(i, float(s) * alpha * alpha)
+            self._record_sumsq(i, s, alpha * alpha)
         elif self.backend.fuses_result_norm:
             result_sumsq = self.backend.accumulate_(self.grad_views[i], grad, alpha, result_sumsq=True)
         else:
             self.backend.accumulate_(self.grad_views[i], grad, alpha)
         self._wrote(v0, i, result_sumsq)
 
-    def _record_sumsq(self, i: int, s: float) -> None:
-        self.micro_sumsq += s
+    def _record_sumsq(self, i: int, s: Any, factor: float = 1.0) -> None:
+        """Add ``factor · s`` (``s``: a float or a 0-dim tensor) to the micro-batch's squared norm."""
+        if self.device_measures and isinstance(s, Tensor):
+            # summed in fp64 on the device, one op per fold (add promotes and scales in fp64)
+            s = s.detach().reshape(())
+            if not self.micro_seen:
+                s = s.to(torch.float64)
+                self.micro_sumsq = s * factor if factor != 1.0 else s
+            else:
+                self.micro_sumsq = torch.add(self.micro_sumsq, s, alpha=factor)
+        else:
+            self.micro_sumsq += float(s) * factor
         self.micro_seen.add(i)
 
     def assign(self, i: int, grad: Tensor, measured: bool = False) -> None:
@@ -360,10 +374,10 @@ class Bucket:
         if measured and self.measure:
             # one read of the gradient just copied (no backend has a copy kernel with a
             # sum-of-squares output yet); once per window for fp32 parameters
-            self._record_sumsq(i, float(self.backend.sumsq(self.grad_views[i].reshape(-1))))
+            self._record_sumsq(i, self.backend.sumsq(self.grad_views[i].reshape(-1)))
         self._mark_fresh(i)
 
-    def take_micro_sumsq(self) -> Tuple[float, bool]:
+    def take_micro_sumsq(self) -> Tuple[Any, bool]:
         """(squared norm of the micro-batch that just ended, whether every gradient of it was
         measured); resets the counters for the next micro-batch."""
         out = (self.micro_sumsq, not self.micro_missed)

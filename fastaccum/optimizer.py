@@ -209,15 +209,24 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         one device (the triton backend): no step then reads a device value on the host."""
         backends = {b.backend for b in self._buckets}
         devices = {b.device for b in self._buckets}
-        # track_noise_scale reads the per-micro-batch norms on the host: the step then runs
-        # host-decided (one sync per step) -- a device-resident noise scale is not built yet
-        if (self.step_in_backward or self.track_noise_scale or len(backends) != 1 or len(devices) != 1
+        if (self.step_in_backward or len(backends) != 1 or len(devices) != 1
                 or not all(b.backend.device_resident and not b.sharded for b in self._buckets)):
             return
+        if self.track_noise_scale and self.defaults.get("capturable"):
+            # the noise scale's bookkeeping makes new device tensors and host counts every
+            # window, and its micro-batch reports come from the hooks, outside a captured
+            # step: a graph would replay the capture's
+            raise ValueError(
+                "capturable=True (CUDA graphs) cannot track the noise scale: its per-micro-batch reports are "
+                "new tensors every window, which a captured step would not see; drop track_noise_scale=True "
+                "or capturable=True"
+            )
         backend, device = backends.pop(), devices.pop()
         self._resident = ResidentStep(backend.bucket, device)
         self._window.to_device(backend.bucket, device)
         self._adopt_device_steps()
+        for bucket in self._buckets:  # noise-scale reports stay on the device (never read back)
+            bucket.device_measures = True
 
     def _adopt_device_steps(self) -> None:
         self._resident.adopt_steps(self._buckets)
@@ -342,6 +351,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             bucket = Bucket(ps, group_index, backend, with_buffer=not self._no_buffer,
                             grad_views=dist_world() is None)
             bucket.measure = self.track_noise_scale
+            bucket.device_measures = self._resident is not None
             self._add_bucket(bucket)
         if self._resident is not None:
             self._adopt_device_steps()
@@ -476,18 +486,20 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
                 self._norm_cache = None
                 # a gradient assigned by hand was never measured: this window's micro-batch
                 # reports no longer describe the buffer
-                self._window.noise_sums = [0.0, 0.0, 0.0]
+                self._window.drop_reports()
 
     def _close_micro(self) -> None:
         """A ``step()`` call ends a micro-batch: hand its squared norm (when every gradient of
-        it was measured, see buffers.py) to the window, which keeps the noise-scale sums."""
-        total, complete, seen = 0.0, True, False
+        it was measured, see buffers.py) to the window, which keeps the noise-scale sums.
+        On the device-resident step the norms are device tensors, added without a read."""
+        total, complete = None, True
         for b in self._buckets:
-            seen = seen or bool(b.micro_seen)
+            seen = bool(b.micro_seen)
             s, ok = b.take_micro_sumsq()
-            total += s
+            if seen:
+                total = s if total is None else total + s
             complete = complete and ok
-        self._window.close_micro(total if (complete and seen) else None)
+        self._window.close_micro(total if complete else None)
 
     # ------------------------------------------------------------ user API
     @property
@@ -878,8 +890,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         settled = self._settled  # no user code ran since _fold_grads: their p.grad are still our views
         for bucket, _ in work:
             bucket.consume_all(settled=id(bucket) in settled)
-        if self._noise is not None and self._window.last_noise is not None:
-            self._noise.update_from_sums(*self._window.last_noise)  # skipped windows never get here
+        self._feed_noise()
         if self._scaler is not None:
             self._scaler.update(found_inf=False)
         self._consecutive_skips = 0
@@ -889,7 +900,8 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         """The same step with every decision on the device: sumsq per bucket (when the norm is
         needed), one finalize, one update launch per bucket; the update kernels return at
         once when finalize decided to skip. Nothing here reads a device value."""
-        if self._deferred_scale() != 1.0:
+        written_scale = self._deferred_scale()
+        if written_scale != 1.0:
             # a trainer's clip through bf16/fp16 p.grad views: written into the buffers (one
             # pass) rather than read back to the host as a multiplier
             for bucket in self._buckets:
@@ -913,7 +925,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             self._device_stats = (partials is not None, divisor)  # for stats(): read when it is called
             self._window.finalize_on_device(
                 partials, res.steps, res.step_index, grad_scaler_scale=_as_tensor(grad_scale),
-                found_inf=_as_tensor(found_inf), max_grad_norm=self.max_grad_norm,
+                found_inf=_as_tensor(found_inf), max_grad_norm=self.max_grad_norm, written_scale=written_scale,
             )
             for bucket, table, hyper, seed in launches:
                 getattr(res.kernels, self._kernel)(
@@ -926,7 +938,15 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             raise
         for bucket in self._buckets:
             bucket.consume_all()
+        self._feed_noise()
         self._end_window()
+
+    def _feed_noise(self) -> None:
+        """The window's noise sums to the estimator; a skipped window never counts (on the host
+        it never gets here, on the device its ``last_applied`` is False)."""
+        w = self._window
+        if self._noise is not None and w.last_noise is not None:
+            self._noise.update_from_sums(*w.last_noise, applied=w.last_applied)
 
     def _flat_state_args(self, bucket: Bucket) -> List[Optional[Tensor]]:
         """The algorithm's flat state tensors in its kernel's order (see adam.py / sgd.py)."""
