@@ -1139,7 +1139,10 @@ def _make_hook(ref: "weakref.ref[AccumOptimizer]", bi: int, i: int) -> Callable[
         if opt is not None:
             opt._grad_ready(bi, i, p)
 
-    return hook
+    # Autograd runs the hook inside a backward that a compiled function called, where
+    # torch.compile would trace it (buffer bookkeeping, per-tensor kernel launches, a
+    # recompilation per parameter): it runs eagerly instead.
+    return torch.compiler.disable(hook)
 
 
 def _as_tensor(x: Any) -> Optional[Tensor]:
