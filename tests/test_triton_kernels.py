@@ -616,6 +616,48 @@ def test_custom_ops_opcheck():
     assert all(torch.equal(p, q) for p, q in zip(ps, untouched))
 
 
+def test_deferred_launches_run_before_anything_touches_their_memory():
+    """Inside ``deferred()`` launches are recorded, not run; an aten op on memory a recorded
+    launch reads or writes (here: reading the partial sums) first runs the launches recorded so
+    far; what nothing touched stays recorded, and ``replay()`` runs it as the ops. Everything
+    ends as in an eager step, and the host saw the values an eager step shows."""
+    buckets, tables, bs, steps = _prepared()
+    ref = [copy.deepcopy(b) for b in buckets]
+    ref_bs, ref_steps = copy.deepcopy(bs), steps.clone()
+    ref_bs.norm([b.grad for b in ref])
+    ref_total = ref_bs.partials.sum()
+    ref_tables = [K.SegmentTable.build(b.params, b.offsets, b.numels, list(range(len(b.numels))),
+                                       [True] * len(b.numels), t.step_index) for b, t in zip(ref, tables)]
+    ref_bs.finalize(ref_steps, weight_divisor=2.0, max_norm=1.0, dynamic=True)
+    for b, t in zip(ref, ref_tables):
+        K.adam_(t, b.grad, b.m, b.v, b.vmax, b.master, ref_steps, ref_bs.window, lr=1e-3, beta1=0.9, beta2=0.999,
+                eps=1e-8, weight_decay=0.1, decoupled=True, seed=5)
+
+    bs.partials.fill_(-1.0)
+    with K.deferred() as calls:
+        bs.norm([b.grad for b in buckets])
+        assert [op.name() for op, _ in calls] == ["fastaccum::bucket_sumsq"] * 2
+        head = bs.partials[:4]  # a view reads nothing
+        assert len(calls) == 2
+        total = bs.partials.sum()  # reads what the recorded sums write: they run first
+        assert calls == []
+        bs.finalize(steps, weight_divisor=2.0, max_norm=1.0, dynamic=True)
+        for b, t in zip(buckets, tables):
+            K.adam_(t, b.grad, b.m, b.v, b.vmax, b.master, steps, bs.window, lr=1e-3, beta1=0.9, beta2=0.999,
+                    eps=1e-8, weight_decay=0.1, decoupled=True, seed=5)
+        torch.ones(3).mul_(2.0)  # touches nothing recorded
+        assert [op.name() for op, _ in calls] == ["fastaccum::finalize"] + ["fastaccum::bucket_adam"] * 2
+    assert torch.equal(total, ref_total) and torch.equal(head, ref_bs.partials[:4])
+    assert steps.tolist() == [0.0] * 148, "finalize ran before its replay"
+    K.replay(calls)
+    assert torch.equal(steps, ref_steps) and torch.equal(bs.window, ref_bs.window)
+    for b, r in zip(buckets, ref):
+        for name in ("m", "v", "master"):
+            if getattr(r, name) is not None:
+                assert torch.equal(getattr(b, name), getattr(r, name)), name
+        assert all(torch.equal(p, q) for p, q in zip(b.params, r.params))
+
+
 def test_an_op_given_other_parameters_writes_those():
     """What functionalisation does to the update ops, by hand: the op is given copies of the
     parameters; it updates the copies, exactly as the launcher updates the originals, and leaves

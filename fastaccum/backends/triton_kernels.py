@@ -69,7 +69,9 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 try:
     import triton
@@ -597,22 +599,77 @@ def _launch(spec: Spec, grid, *args, **scalars) -> None:
 # ``torch.library`` op, to _dispatch: launched now (eager), called as the op (while
 # torch.compile traces: the op is opaque to it), or recorded by :func:`deferred` for the
 # optimizer's compiled step to replay as ops.
-_RECORDING: Optional[List[tuple]] = None
+_RECORDING: Optional["_Deferral"] = None
+
+
+class _Deferral(TorchDispatchMode):
+    """The recording of :func:`deferred`: the launches not run yet (``calls``), and a watch on
+    every aten op run meanwhile. An op that touches the memory of a recorded launch's tensor
+    (reads what it would write, writes what it would read, or reads its value on the host)
+    first runs the launches recorded so far, in order, as an eager step would have by then;
+    later launches are recorded again. So deferring a launch never changes what any code sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[tuple] = []
+        self._memory: set = set()
+
+    def record(self, op, args: tuple) -> None:
+        self.calls.append((op, args))
+        self._memory.update(_memory_of(args))
+
+    def flush(self) -> None:
+        calls = list(self.calls)
+        self.calls.clear()
+        self._memory.clear()
+        for op, args in calls:
+            op(*args)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # a view reads no data (what is later done through it is seen then)
+        if self.calls and not func.is_view and self._touches((args, kwargs)):
+            self.flush()  # (this mode is off inside its own handler: the launches run as usual)
+        return func(*args, **kwargs)
+
+    def _touches(self, tree) -> bool:
+        for t in pytree.tree_leaves(tree):
+            if isinstance(t, Tensor):
+                key = _storage_key(t)
+                if key is None or key in self._memory:  # no storage to compare (a wrapper subclass): assume so
+                    return True
+        return False
+
+
+def _storage_key(t: Tensor):
+    try:
+        return t.device, t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _memory_of(tree) -> set:
+    """The storages of the tensors in ``tree``, as (device, address)."""
+    keys = {_storage_key(t) for t in pytree.tree_leaves(tree) if isinstance(t, Tensor)}
+    return {k for k in keys if k is not None and k[1] != 0}
 
 
 @contextlib.contextmanager
 def deferred() -> Iterator[List[tuple]]:
     """Record the launches of :func:`sumsq`, :func:`finalize`, :func:`adam_` and :func:`sgd_`
-    made inside the block instead of running them: a list of ``(op, args)`` for :func:`replay`.
+    made inside the block instead of running them: a list of ``(op, args)`` for :func:`replay`,
+    complete when the block ends.
 
     The optimizer's step under ``torch.compile`` runs its host side eagerly in this block and
-    replays the launches as the ``fastaccum::*`` ops in the compiled graph. They run after the
-    block: code inside it must not read what they write (nothing in a resident step does: every
-    decision is on the device)."""
+    replays the launches as the ``fastaccum::*`` ops in the compiled graph, after the block.
+    Any aten op in the block that touches a recorded launch's memory runs the launches recorded
+    until then first (see _Deferral), so the host side sees what an eager step would: it only
+    costs those launches their place in the graph."""
     global _RECORDING
-    outer, _RECORDING = _RECORDING, []
+    outer, _RECORDING = _RECORDING, _Deferral()
     try:
-        yield _RECORDING
+        with _RECORDING:
+            yield _RECORDING.calls
     finally:
         _RECORDING = outer
 
@@ -625,7 +682,7 @@ def replay(calls: Sequence[tuple]) -> None:
 
 def _dispatch(name: str, args: tuple) -> None:
     if _RECORDING is not None:
-        _RECORDING.append((_op(name), args))
+        _RECORDING.record(_op(name), args)
     elif torch.compiler.is_compiling():
         _op(name)(*args)
     else:
