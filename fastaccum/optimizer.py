@@ -757,8 +757,9 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
     @torch.compiler.disable
     def _host_step(self, closure: Optional[Callable[[], Any]], grad_scale: Optional[Tensor],
                    found_inf: Optional[Tensor]) -> Tuple[Any, List[Any]]:
-        """The step, eagerly, and the bucket-kernel launches it recorded (run after it returns:
-        nothing in a device-resident step reads what they write)."""
+        """The step, eagerly, and the bucket-kernel launches it recorded to run after it returns
+        (a launch whose memory the step touches later runs at that point instead: see
+        ``triton_kernels.deferred``)."""
         with torch.no_grad():
             if self._resident is None:
                 return self._step(closure, grad_scale, found_inf), []
