@@ -674,11 +674,18 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         In managed mode (``accumulation_steps > 1``) this is a no-op while a window is in
         progress, so ``zero_grad()`` may be called after every micro-batch.
         """
+        if torch.compiler.is_compiling():  # host bookkeeping only: run eagerly (a graph break)
+            self._zero_grad_eagerly(set_to_none)
+            return
         if self._window.micro_step != 0 or self._no_buffer:
             return
         for bucket in self._buckets:
             bucket.clear(set_to_none)
         self._end_window()
+
+    @torch.compiler.disable
+    def _zero_grad_eagerly(self, set_to_none: bool) -> None:
+        self.zero_grad(set_to_none)
 
     @_step_wrapper
     def step(self, closure: Optional[Callable[[], Any]] = None, *, grad_scale: Optional[Tensor] = None,
@@ -687,7 +694,10 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
 
         ``grad_scale``/``found_inf`` are what ``torch.amp.GradScaler`` provides (it sets them
         as attributes when driving this optimizer); they are folded into the same update.
+        Inside a function compiled with ``torch.compile``: see :meth:`_step_compiled`.
         """
+        if torch.compiler.is_compiling():
+            return self._step_compiled(closure, grad_scale, found_inf)
         grad_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # torch.no_grad(), without its context object per call
         try:
@@ -721,6 +731,41 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         if self._window.advance():
             self._update(grad_scale, found_inf)
         return loss
+
+    # --------------------------------------------------------------- torch.compile
+    def _step_compiled(self, closure: Optional[Callable[[], Any]], grad_scale: Optional[Tensor],
+                       found_inf: Optional[Tensor]) -> Any:
+        """``step()`` in a function that ``torch.compile`` traces.
+
+        A step's host side (the window's count, the buckets' p.grad bookkeeping, the segment
+        tables, every argument check) is Python over host state, different at every call: it
+        runs eagerly, as a graph break (:meth:`_host_step`), with the bucket kernels' launches
+        recorded instead of run. The launches are then replayed as the ``fastaccum::*`` custom
+        ops (backends/triton_kernels.py), which the compiled graph calls: opaque to the
+        compiler, with fake implementations and the tensors they write declared, so that the
+        graph orders them with what surrounds the step (and a functionalising backend hands
+        them copies, which they write). Without bucket kernels (cpu and torch backends,
+        ``step_in_backward``) the whole step runs in the graph break. ``fullgraph=True`` cannot
+        hold: a step always has host work.
+        """
+        loss, calls = self._host_step(closure, grad_scale, found_inf)
+        if calls:
+            with torch.no_grad():  # the ops write parameters in place
+                self._resident.kernels.replay(calls)
+        return loss
+
+    @torch.compiler.disable
+    def _host_step(self, closure: Optional[Callable[[], Any]], grad_scale: Optional[Tensor],
+                   found_inf: Optional[Tensor]) -> Tuple[Any, List[Any]]:
+        """The step, eagerly, and the bucket-kernel launches it recorded to run after it returns
+        (a launch whose memory the step touches later runs at that point instead: see
+        ``triton_kernels.deferred``)."""
+        with torch.no_grad():
+            if self._resident is None:
+                return self._step(closure, grad_scale, found_inf), []
+            with self._resident.kernels.deferred() as calls:
+                loss = self._step(closure, grad_scale, found_inf)
+            return loss, list(calls)
 
     # --------------------------------------------------------------- internals
     def _tokens_per_step(self) -> float:
@@ -869,10 +914,10 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             None if isinstance(divisor, Tensor) else self._window.host_weight_total(divisor, (dist_world() or (1,))[0]))
         # everything that can refuse runs before any kernel (state allocation, hyper-parameters)
         launches = []
-        for _, bucket, table in res.work:
+        for bi, bucket, table in res.work:
             self._prepare_state(bucket, bucket.live_indices())
             group = self.param_groups[bucket.group_index]
-            launches.append((bucket, table, self._device_hyper(group), self._rng_seed(self._stochastic(bucket))))
+            launches.append((bucket, table, self._device_hyper(group), self._device_seed(bi, self._stochastic(bucket))))
         # a kernel that fails leaves the step counts and the window as they were (device
         # copies, no sync), so that a retry does not count a step twice
         saved_steps, saved_window = res.steps.clone(), self._window.state.clone()
@@ -974,6 +1019,18 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         # stochastic rounding draws its seed from torch's RNG: runs are reproducible
         # under torch.manual_seed and differ from step to step.
         return int(torch.randint(0, 2**62, (1,)).item()) if needed else 0
+
+    def _device_seed(self, bucket_index: int, needed: bool) -> int:
+        """A bucket's stochastic-rounding seed on the device-resident step: drawn once from
+        torch's RNG and kept, so that a step reads no host value and its kernels' arguments are
+        the same every step (what a captured CUDA graph replays). The noise still changes from
+        step to step: the kernels count it by the parameters' device step counts."""
+        if not needed:
+            return 0
+        seeds = self.__dict__.setdefault("_device_seeds", {})
+        if bucket_index not in seeds:
+            seeds[bucket_index] = self._rng_seed(True)
+        return seeds[bucket_index]
 
     def _stochastic(self, bucket: Bucket) -> bool:
         return self.state_dtype == torch.bfloat16 or (bucket.dtype == torch.bfloat16 and not self.master_weights)
@@ -1088,7 +1145,10 @@ def _make_hook(ref: "weakref.ref[AccumOptimizer]", bi: int, i: int) -> Callable[
         if opt is not None:
             opt._grad_ready(bi, i, p)
 
-    return hook
+    # Autograd runs the hook inside a backward that a compiled function called, where
+    # torch.compile would trace it (buffer bookkeeping, per-tensor kernel launches, a
+    # recompilation per parameter): it runs eagerly instead.
+    return torch.compiler.disable(hook)
 
 
 def _as_tensor(x: Any) -> Optional[Tensor]:

@@ -158,6 +158,45 @@ def test_a_window_reads_no_device_value(monkeypatch, dtype, track_noise_scale):
         assert est.windows == 2 and est.unestimable_windows == 0 and opt.stats()["noise_windows"] == 2
 
 
+@pytest.mark.parametrize("master_weights", [True, False])
+def test_stochastic_rounding_steps_repeat_their_arguments_and_read_nothing(monkeypatch, master_weights):
+    """bf16 moments (and bf16 parameters without masters): rounded stochastically. A resident
+    step launches its kernels with the same arguments every step (so a captured CUDA graph's
+    replays match eager steps) and reads no host value; the noise still changes from step to
+    step, counted on the device (tests/test_triton_kernels.py checks that at the kernel)."""
+    from fastaccum.backends import triton_kernels as K
+
+    model = gpt2_like(dtype=torch.bfloat16)
+    opt = fastaccum.AdamW(groups(model), lr=1e-3, backend="triton", state_dtype=torch.bfloat16,
+                          master_weights=master_weights, accumulation_steps=2, capturable=True)
+    launches = []
+    real = K._launch
+
+    def recording(spec, grid, *args, **kw):
+        if spec.kernel.fn.__name__ == "_adam_kernel":
+            launches.append(tuple(a for a in args if not isinstance(a, torch.Tensor)))
+        return real(spec, grid, *args, **kw)
+
+    def window(seed):
+        for k in range(2):
+            opt.backward(fake_loss(model, seed + k))
+            opt.step()
+            opt.zero_grad()
+
+    window(0)  # allocates the state
+    monkeypatch.setattr(K, "_launch", recording)
+    exp_avg = [opt.state[p]["exp_avg"].clone() for p in model]
+    window(10)
+    with _no_host_reads(monkeypatch) as (dispatched, called):
+        window(20)
+    assert dispatched == [] and called == [], (dispatched, called)
+    buckets = len(opt._buckets)
+    assert len(launches) == 2 * buckets
+    assert launches[:buckets] == launches[buckets:], "a step's kernel arguments changed"
+    assert all(args[-1] != 0 for args in launches), "stochastic rounding without a seed"
+    assert any(not torch.equal(opt.state[p]["exp_avg"], m) for p, m in zip(model, exp_avg))
+
+
 def test_non_contiguous_parameter_goes_to_a_torch_bucket():
     torch.manual_seed(0)
     w = torch.randn(6, 5, device=DEVICE).t()  # a transposed view: storage order != logical order
