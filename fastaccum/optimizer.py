@@ -54,15 +54,16 @@ _OWNERS: Dict[int, "weakref.ref[AccumOptimizer]"] = {}
 def _step_wrapper(step: Callable[..., Any]) -> Callable[..., Any]:
     """torch.optim wraps every ``step`` to run the step pre/post hooks and to label it for
     the profiler; its ``record_function`` costs a few microseconds per step even with no
-    profiler running. This runs torch's own wrapper whenever a hook is registered or a
-    profiler is on, and the plain step otherwise (``hooked``: torch then leaves it as is)."""
+    profiler running. This runs torch's own wrapper whenever a hook is registered, a
+    profiler is on or torch.compile traces the step (which knows torch's wrapper), and the
+    plain step otherwise (``hooked``: torch then leaves it as is)."""
     hooked = torch.optim.Optimizer.profile_hook_step(step)
 
     @functools.wraps(step)
     def wrapper(self: "AccumOptimizer", *args: Any, **kwargs: Any) -> Any:
         if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
                 or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks
-                or torch._C._autograd._profiler_enabled()):
+                or torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled()):
             return hooked(self, *args, **kwargs)
         return step(self, *args, **kwargs)
 
