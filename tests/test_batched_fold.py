@@ -7,6 +7,7 @@ the fold is an exact fp32 addition (or a copy into a stale segment) either way. 
 Triton's interpreter on CPU tensors here, on CUDA when a GPU is present."""
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 
@@ -60,8 +61,7 @@ def test_fold_equals_copy_and_add_bit_for_bit(src_dtype):
         r.copy_(s) if c else r.add_(s)
     partials, first = F.fold_(sources, views, copy, sumsq=True)
     assert torch.equal(buf_a, ref_a) and torch.equal(buf_b, ref_b)
-    assert first == [0] + list(__import__("itertools").accumulate(max(1, math.ceil(n / F.BLOCK))
-                                                                 for n in sizes_a + sizes_b))
+    assert first == [0] + list(itertools.accumulate(max(1, math.ceil(n / F.BLOCK)) for n in sizes_a + sizes_b))
     for k, s in enumerate(sources):
         torch.testing.assert_close(partials[first[k]:first[k + 1]].double().sum().cpu(),
                                    s.double().pow(2).sum().cpu(), rtol=1e-6, atol=0)

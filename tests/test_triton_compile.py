@@ -3,8 +3,9 @@ launches compiles for real GPUs (sm_80, sm_90) without a GPU, with 128-bit vecto
 flat streams and no spills.
 
 The variant list comes from ``triton_kernels.specializations()`` and
-``triton_fold.specializations()``, the same functions the launchers use. Pointer arguments get ``tt.divisibility=16``, as Triton's launcher gives any
-16-byte aligned tensor (the flat buffers and their 16-element-aligned views are).
+``triton_fold.specializations()``, the same functions the launchers use. Pointer arguments
+get ``tt.divisibility=16``, as Triton's launcher gives any 16-byte aligned tensor (the flat
+buffers and their 16-element-aligned views are; the batched fold's sources are checked to be).
 Spills: the cubin Triton assembled must use no local memory and no stack (``cuobjdump
 -res-usage``, shipped with Triton), and the PTX must have no ``.local`` space.
 
