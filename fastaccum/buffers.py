@@ -317,13 +317,14 @@ class PendingFolds:
                 b._reattach_views()
 
     def _fold_some(self) -> None:
-        """One launch: the waiting gradients of the first entry's dtype, grouped by bucket (so
-        that each measured bucket's sum of squares is one slice of the partial sums)."""
+        """One launch: the waiting gradients of the first entry's dtype (grouped by bucket when
+        measured, so that each bucket's sum of squares is one slice of the partial sums)."""
         dtype = self.entries[0][2].dtype
         group = [e for e in self.entries if e[2].dtype == dtype]
-        order = {b: k for k, b in enumerate(dict.fromkeys(e[0] for e in group))}
-        group.sort(key=lambda e: order[e[0]])
         measure = any(e[0].measure for e in group)
+        if measure:
+            order = {b: k for k, b in enumerate(dict.fromkeys(e[0] for e in group))}
+            group.sort(key=lambda e: order[e[0]])
         srcs = [e[2] for e in group]
         dsts = [e[0].grad_views[e[1]] for e in group]
         copy = [e[3] for e in group]
@@ -893,12 +894,14 @@ class Bucket:
                 self._n_detached -= 1
                 if not self._pend(i, g, copy=not self.fresh[i]):
                     self.receive(i, local(g), measured=True)
-                p.grad = self._attached(i)
+                w = self._wrappers[i]
+                p.grad = w if w is not None else self._attached(i)
                 return
             if not self.owns_grad(i, g) and self._pend(
                     i, g, copy=not (add_to_fresh and self.fresh[i])):
                 # as below (add into a fresh segment in managed mode, else replace it), later
-                p.grad = self._attached(i)
+                w = self._wrappers[i]
+                p.grad = w if w is not None else self._attached(i)
                 return
         if self.low_precision and not self.grad_viewed[i]:
             self.receive(i, local(g), measured=True)  # add into a fresh segment, overwrite a stale one
