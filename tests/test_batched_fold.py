@@ -524,3 +524,13 @@ def test_copy_of_an_optimizer_mid_window(monkeypatch):
     for params in run(32):
         for p, q in zip(params, ref):
             assert torch.equal(p, q)
+
+
+def test_off_without_grad_views():
+    """Across ranks the optimizer builds its buckets without GradViews (DDP's reducer owns p.grad;
+    FSDP2's shards are subclasses): gradients are released in the hook and reduced from the
+    buffer, so such a bucket takes no batched fold even when offered one."""
+    params = list(gpt2_like(dtype=torch.bfloat16))
+    folds = buffers.PendingFolds(TRITON, buffers.fold_cap_bytes(), torch.device(DEVICE))
+    assert buffers.Bucket(params, 0, TRITON, grad_views=False, folds=folds).folds is None
+    assert buffers.Bucket(params, 0, TRITON, grad_views=True, folds=folds).folds is folds
