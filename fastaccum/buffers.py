@@ -22,6 +22,11 @@ by the user, by gradient surgery, or by a trainer) replaces the segment, a ``Non
 fp32 parameter means "no gradient" (skipped, like torch.optim), and the fp32 view is
 attached again. Invariant: an fp32 ``p.grad`` is our view only while its segment is fresh,
 so autograd never adds into a stale segment.
+
+During a backward, the bf16/fp16 gradients of GradView parameters may wait in a
+:class:`PendingFolds` (the batched fold: one launch for many of them). The flags always say
+what the buffer means; ``pending[i]`` says segment ``i``'s bytes are still on their way, and
+every method that reads or writes a segment folds what waits first (``_sync_folds``).
 """
 from __future__ import annotations
 
