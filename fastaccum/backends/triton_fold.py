@@ -11,13 +11,13 @@ addresses change every micro-batch) and copied to the device without a sync (pin
 ``non_blocking``; a plain tensor on the CPU):
 
     table[0 : n + 1]             first tile of each entry, then the total (a prefix sum)
-    table[n + 1 + 4 * k + 0]     source offset of entry k, in elements from ``src_base``
-    table[n + 1 + 4 * k + 1]     destination offset of entry k, in fp32 elements from ``dst_base``
+    table[n + 1 + 4 * k + 0]     source offset of entry k, in elements from the first source
+    table[n + 1 + 4 * k + 1]     destination offset of entry k, in fp32 elements from the first one
     table[n + 1 + 4 * k + 2]     elements of entry k
     table[n + 1 + 4 * k + 3]     1: copy (the segment was stale), 0: add into the fresh segment
 
-Offsets are relative to two tensors passed as kernel arguments (one gradient, one buffer):
-Triton knows those are 16-byte aligned, and the offsets are multiples of 16 bytes (sources
+Offsets are relative to the first source and the first destination, passed as the kernel's
+pointer arguments: Triton knows those are 16-byte aligned, and the offsets are multiples of 16 bytes (sources
 aligned to 16 bytes, segments to 64), so every full tile streams with 128-bit loads and
 stores. The table is O(entries), not O(tiles): a program finds its entry by a binary search
 over the first column (a few cached loads), so building it costs the host microseconds even
@@ -49,7 +49,6 @@ __all__ = ["BLOCK", "SRC_ALIGN_BYTES", "fold_", "build_table", "fold_spec", "spe
 BLOCK = K.BLOCK
 #: a source must start on this many bytes (the vector width) to be folded here
 SRC_ALIGN_BYTES = 16
-_FIELDS = 4
 _SRC_DTYPES = (torch.bfloat16, torch.float16)
 
 
