@@ -3,6 +3,12 @@ under the same DDP / FSDP2 setup and the same accumulation. A measurement, not a
 
     python bench/dist_window.py [--params 4M] [--accum 4] [--windows 6]
 
+The two optimizers' windows alternate (each on its own model, ABBA order), and the ratio
+columns are medians of fastaccum's window over its neighbouring torch window: the machine's
+load drifts, and neighbouring windows see about the same. Wall time includes waiting for the
+other rank (gloo over loopback, shared cores); CPU time (rank 0's process time) does not, so
+it shows what each optimizer itself costs.
+
 Bytes are each rank's payload per window, counted from what each setup reduces (the ring
 algorithm then puts 2(W-1)/W of an all-reduce payload and (W-1)/W of a reduce-scatter or
 all-gather payload on each link):
@@ -39,7 +45,8 @@ def model_of(n_params: int, width: int = 1024) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(width, 1))
 
 
-def run_setup(rank, setup, opt_kind, args):
+def build(rank, setup, opt_kind, args):
+    """One (setup, optimizer) pair: returns a function that runs one accumulation window."""
     torch.manual_seed(0)
     model = model_of(args.params)
     n = sum(p.numel() for p in model.parameters())
@@ -73,10 +80,10 @@ def run_setup(rank, setup, opt_kind, args):
     xs = [torch.randn(args.micro, 1024, generator=g) for _ in range(args.accum)]
     if low:
         xs = [x.to(torch.bfloat16) for x in xs]
-    times = []
-    for w in range(args.windows + 1):
+
+    def window() -> tuple:
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for k, x in enumerate(xs):
             if setup.startswith("ddp"):
                 ctx = wrapped.no_sync() if not sync(k) else contextlib.nullcontext()
@@ -96,9 +103,10 @@ def run_setup(rank, setup, opt_kind, args):
                 torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad()
+        t1, c1 = time.perf_counter(), time.process_time()  # (the closing barrier waits for the slower rank)
         dist.barrier()
-        if w:  # the first window warms up (buffers, state, buckets)
-            times.append(time.perf_counter() - t0)
+        return t1 - t0, c1 - c0
+
     if setup.startswith("ddp"):
         grad_bytes = 4 if (opt_kind == "fastaccum" or not low) else 2
         wire = {"all-reduce": n * grad_bytes}
@@ -106,19 +114,45 @@ def run_setup(rank, setup, opt_kind, args):
         wire = {"all-gather (fwd+bwd, bf16)": 2 * args.accum * n * 2, "reduce-scatter (fp32)": n * 4}
     if opt_kind == "fastaccum":
         wire["small all-reduce"] = 24
-    return {"setup": setup, "optimizer": opt_kind, "params": n, "window_ms": 1e3 * statistics.median(times),
-            "window_ms_min": 1e3 * min(times), "payload_bytes_per_rank": wire}
+    info = {"setup": setup, "optimizer": opt_kind, "params": n, "payload_bytes_per_rank": wire}
+    return window, info
+
+
+def run_setup(rank, setup, args):
+    """Both optimizers on the same setup, their windows alternating (torch, fastaccum, torch, ...):
+    the machine's load changes slowly, so each pair of neighbouring windows sees about the same."""
+    kinds = ["fastaccum"] if setup == "ddp-bf16" else ["torch-fused", "fastaccum"]
+    # (torch.optim would reduce and accumulate bf16 gradients under ddp-bf16: not the same run)
+    runs = [build(rank, setup, kind, args) for kind in kinds]
+    for window, _ in runs:
+        window()  # the first window warms up (buffers, state, buckets)
+    times = {kind: [] for kind in kinds}
+    cpu = {kind: [] for kind in kinds}
+    for w in range(args.windows):
+        order = list(zip(kinds, runs))
+        for kind, (window, _) in order if w % 2 == 0 else order[::-1]:  # ABBA: no side always goes first
+            t, c = window()
+            times[kind].append(t)
+            cpu[kind].append(c)
+    rows = []
+    for kind, (_, info) in zip(kinds, runs):
+        rows.append({**info, "window_ms": 1e3 * statistics.median(times[kind]),
+                     "window_ms_min": 1e3 * min(times[kind]), "cpu_ms": 1e3 * statistics.median(cpu[kind]),
+                     "windows_ms": [1e3 * t for t in times[kind]]})
+    if len(kinds) == 2:
+        rows[-1]["ratio_to_torch"] = statistics.median(
+            f / t for t, f in zip(times["torch-fused"], times["fastaccum"]))
+        rows[-1]["cpu_ratio_to_torch"] = statistics.median(
+            f / t for t, f in zip(cpu["torch-fused"], cpu["fastaccum"]))
+    return rows
 
 
 def worker(rank, init_file, args, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     rows = []
-    for setup in ("ddp-fp32", "ddp-bf16", "fsdp2"):
-        for opt_kind in ("torch-fused", "fastaccum"):
-            if setup == "ddp-bf16" and opt_kind == "torch-fused":
-                continue  # torch.optim would reduce and accumulate bf16 gradients: not the same run
-            rows.append(run_setup(rank, setup, opt_kind, args))
+    for setup in args.setups:
+        rows += run_setup(rank, setup, args)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
@@ -138,6 +172,8 @@ def main():
     ap.add_argument("--accum", type=int, default=4)
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--windows", type=int, default=6)
+    ap.add_argument("--setups", nargs="+", default=["ddp-fp32", "ddp-bf16", "fsdp2"],
+                    choices=["ddp-fp32", "ddp-bf16", "fsdp2"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import tempfile
@@ -147,13 +183,18 @@ def main():
     mp.spawn(worker, args=(os.path.join(d, "init"), args, out), nprocs=WORLD, join=True)
     rows = json.load(open(out))
     print(f"2 gloo ranks, 1 thread each, accumulation {args.accum}, micro-batch {args.micro}, "
-          f"median of {args.windows} windows")
-    print(f"{'setup':10} {'optimizer':12} {'params':>9} {'window ms':>10} {'min ms':>8}  payload per rank per window")
+          f"median of {args.windows} windows; the two optimizers' windows alternate")
+    print(f"{'setup':10} {'optimizer':12} {'params':>9} {'window ms':>10} {'min ms':>8} {'/torch':>7} "
+          f"{'CPU ms':>7} {'/torch':>7}  payload per rank per window")
     for r in rows:
         wire = ", ".join(f"{k} {v / 1e6:.2f} MB" if v >= 1e4 else f"{k} {v} B"
                          for k, v in r["payload_bytes_per_rank"].items())
+        ratio = f"{r['ratio_to_torch']:.2f}" if "ratio_to_torch" in r else ""
+        cratio = f"{r['cpu_ratio_to_torch']:.2f}" if "cpu_ratio_to_torch" in r else ""
         print(f"{r['setup']:10} {r['optimizer']:12} {r['params']:>9} {r['window_ms']:>10.1f} "
-              f"{r['window_ms_min']:>8.1f}  {wire}")
+              f"{r['window_ms_min']:>8.1f} {ratio:>7} {r['cpu_ms']:>7.1f} {cratio:>7}  {wire}")
+    print("/torch: median over the window pairs of fastaccum's time / torch's neighbouring window's. CPU ms: "
+          "rank 0's process time in the window (all its threads), which waiting does not count")
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
 

@@ -502,9 +502,10 @@ def test_g_fixed_cost(benchmark):
         opt.step()
     segs = opt._segs_cache[id(opt._buckets[0])][2]
     job = segs._cpu_plan[1][0][1]
+    counts = opt._buckets[0].steps.data_ptr()  # the job counts the steps, as in opt.step()
 
     def kernel():
-        job.run(segs.steps, LR, BETAS[0], BETAS[1], EPS, WD, True, False, 1.0, False, 0, torch.get_num_threads())
+        job.run_counted(counts, LR, BETAS[0], BETAS[1], EPS, WD, True, False, 1.0, False, 0, torch.get_num_threads())
 
     def t_prepare():
         for p, g in zip(tp, grads):

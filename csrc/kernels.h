@@ -24,7 +24,7 @@ enum SumsqOf : int { kSumsqNone = 0, kSumsqSrc = 1, kSumsqResult = 2 };
 
 // Bump when the Python <-> C++ calling convention changes, so that a stale build is
 // refused with a clear message instead of misreading its arguments.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 struct AdamSeg {
   void* param;           // AdamJob::param_dtype

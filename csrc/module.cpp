@@ -174,6 +174,40 @@ void run_adam_plan(AdamPlan& plan, const Ints& steps, double lr, double beta1, d
   fastaccum::adam(job, threads_arg(nthreads));
 }
 
+// The same update with the step counts kept where the optimizer keeps them: the bucket's
+// float32 step tensor (one entry per segment, torch's state["step"] views point into it).
+// Each count goes up by one here, so a step crosses into C++ with one address instead of a
+// list of counts read out of that tensor and a separate pass adding one to it.
+// ``grads``, when given, replaces the planned gradient pointers for this call only (a user's
+// p.grad read in place instead of the buffer segment); the other pointers are the plan's.
+void run_adam_plan_counted(AdamPlan& plan, uintptr_t step_counts, double lr, double beta1, double beta2,
+                           double eps, double weight_decay, bool decoupled, bool maximize, double grad_multiplier,
+                           bool stochastic_rounding, uint64_t seed, int nthreads, const Ptrs& grads) {
+  float* counts = reinterpret_cast<float*>(step_counts);
+  const size_t n = plan.segs.size();
+  if (!grads.empty()) check_len(grads.size(), n, "grads");
+  Ints steps(n);
+  for (size_t i = 0; i < n; ++i) steps[i] = int64_t(counts[i]) + 1;
+  std::vector<float*> planned;
+  if (!grads.empty()) {
+    planned.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      planned[i] = plan.segs[i].grad;
+      plan.segs[i].grad = reinterpret_cast<float*>(grads[i]);
+    }
+  }
+  struct Restore {  // the plan keeps its own pointers, whatever happens below
+    AdamPlan& plan;
+    std::vector<float*>& planned;
+    ~Restore() {
+      for (size_t i = 0; i < planned.size(); ++i) plan.segs[i].grad = planned[i];
+    }
+  } restore{plan, planned};
+  run_adam_plan(plan, steps, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, grad_multiplier,
+                stochastic_rounding, seed, nthreads);
+  for (size_t i = 0; i < n; ++i) counts[i] = float(steps[i]);  // only once the update has run
+}
+
 void py_adam(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, const Ptrs& exp_avg_sqs,
              const Ptrs& max_exp_avg_sqs, const Ptrs& masters, const Ints& numels, const Ints& steps,
              int param_dtype, int state_dtype, double lr, double beta1, double beta2, double eps,
@@ -261,6 +295,12 @@ PYBIND11_MODULE(_C, m) {
       .def("run", &run_adam_plan, py::arg("steps"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
            py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("maximize"),
            py::arg("grad_multiplier"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("nthreads"))
+      .def("run_counted", &run_adam_plan_counted, py::arg("step_counts"), py::arg("lr"), py::arg("beta1"),
+           py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("maximize"),
+           py::arg("grad_multiplier"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("nthreads"),
+           py::arg("grads") = Ptrs{},
+           "run() with the counts read from, and written back (plus one) to, a float32 array of nsegs entries; "
+           "grads (nsegs addresses of fp32 arrays), when given, instead of the planned gradients for this call")
       .def_property_readonly("nsegs", [](const AdamPlan& p) { return p.segs.size(); });
   m.def("sumsq", &py_sumsq, py::arg("x"), py::arg("n"), py::arg("nthreads"),
         "sum(x^2) of an fp32 array in fp64 (non-finite when any element is)");

@@ -8,7 +8,9 @@ micro-batches per update, with ``fastaccum.AdamW(accumulation_steps=N)`` and
 effective batch (``beta2_halflife_tokens=``, Marek et al. 2025). The optimizer measures the
 gradient noise scale of McCandlish et al. 2018 from its own accumulation
 (``track_noise_scale=True``: fp32 parameters, so the first micro-batch of each window
-reports its norm), and :func:`fastaccum.advise` reads ``opt.stats()``.
+reports its norm), and :func:`fastaccum.advise` reads ``opt.stats()``. The noise scale grows
+as the loss falls, so each estimate is printed with the training loss it was measured at, and
+the runs' estimates are also compared at matched training loss.
 
     python examples/batch_size_study.py            # < 3 minutes on 2 CPU cores
     python examples/batch_size_study.py --quick    # < 30 s, used by the tests
@@ -98,6 +100,13 @@ def run(args: argparse.Namespace, accum: int, train: torch.Tensor, val: torch.Te
     tokens = 0
     updates = 0
     curve: List[tuple] = [(0, evaluate(model, val, args.seq_len))]
+    # The noise scale grows as the loss falls (McCandlish et al. 2018), so an estimate means
+    # little without the loss it was measured at: the training loss of each window, averaged
+    # with the estimator's own EMA weights (bias-corrected alike), is that loss.
+    decay = opt.noise_scale_estimator.ema
+    window_loss = window_tokens = loss_ema = 0.0
+    windows = 0
+    trace: List[tuple] = []  # (tokens, training loss at the estimate, noise scale) after each update
     eval_every = max(1, n_micro // args.evals)
     for i in range(n_micro):
         starts = torch.randint(0, train.numel() - args.seq_len - 1, (args.micro_batch,), generator=gen)
@@ -106,19 +115,37 @@ def run(args: argparse.Namespace, accum: int, train: torch.Tensor, val: torch.Te
         loss = nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))  # token mean
         opt.backward(loss, weight=y.numel())  # token-weighted; the optimizer measures |g_i|² itself
         tokens += y.numel()
-        if opt.sync_gradients:  # this step() updates
+        window_loss += float(loss.detach()) * y.numel()
+        window_tokens += y.numel()
+        updating = opt.sync_gradients  # this step() updates
+        if updating:
             for group in opt.param_groups:
                 group["lr"] = lr_at(tokens, args.tokens, args.lr)
             updates += 1
         opt.step()
         opt.zero_grad()
+        if updating:
+            windows += 1
+            loss_ema = decay * loss_ema + (1 - decay) * window_loss / window_tokens
+            window_loss = window_tokens = 0.0
+            trace.append((tokens, loss_ema / (1 - decay**windows), opt.stats()["noise_scale"]))
         if (i + 1) % eval_every == 0 or i + 1 == n_micro:
             curve.append((tokens, evaluate(model, val, args.seq_len)))
     stats = opt.stats()  # grad_norm, effective_batch, noise_scale, betas, ...
     return dict(
         accum=accum, eff_tokens=eff_tokens, updates=updates, tokens=tokens, betas=stats["betas"],
         val_loss=curve[-1][1], curve=curve, noise=stats["noise_scale"], advice=assess(opt),
+        noise_loss=trace[-1][1], trace=trace,
     )
+
+
+def noise_at_loss(r: Dict[str, object], loss: float) -> Optional[tuple]:
+    """(tokens, noise scale) of run ``r`` at its first update whose training loss (the same
+    average as the estimate's) was at or below ``loss``; None when it never got there."""
+    for tokens, at, noise in r["trace"]:  # type: ignore[union-attr]
+        if noise is not None and at <= loss:
+            return tokens, noise
+    return None
 
 
 def fmt_noise(x: Optional[float]) -> str:
@@ -169,14 +196,30 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"= {micro_tokens} tokens; beta2 {args.ref_beta2} at {args.ref_batch_tokens} tokens/update, "
           f"same token half-life (beta2_halflife_tokens)\n")
     print("| accumulation | effective batch (tokens) | updates | beta2 | held-out loss | "
-          "noise scale (tokens) | advice |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
+          "noise scale (tokens) | at training loss | advice |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
+        at = "n/a" if r["noise"] is None else f"{r['noise_loss']:.4f}"
         print(f"| {r['accum']} | {r['eff_tokens']:,} | {r['updates']} | {r['betas'][1]:.6g} | {r['val_loss']:.4f} | "
-              f"{fmt_noise(r['noise'])} | {r['advice'].verdict} |")
+              f"{fmt_noise(r['noise'])} | {at} | {r['advice'].verdict} |")
     print()
     for r in results:
         print(f"- accumulation {r['accum']}: {r['advice'].message}")
+    # the estimates compared at the same training loss: where a run with a higher final loss
+    # ended, what did a run that got lower measure when it passed that loss?
+    measured = [r for r in results if r["noise"] is not None]
+    matched = []
+    for r in measured:
+        for q in measured:
+            hit = noise_at_loss(q, r["noise_loss"]) if q is not r and q["noise_loss"] < r["noise_loss"] else None
+            if hit is not None:
+                matched.append(f"- at training loss {r['noise_loss']:.4f}, where accumulation {r['accum']} ended "
+                               f"measuring {fmt_noise(r['noise'])}, accumulation {q['accum']} measured "
+                               f"{fmt_noise(hit[1])} (after {hit[0]:,} tokens; it ended at {fmt_noise(q['noise'])}, "
+                               f"training loss {q['noise_loss']:.4f})")
+    if matched:
+        print("\nThe noise scale grows as the loss falls; at matched training loss:\n")
+        print("\n".join(matched))
     print(f"\n({elapsed:.1f} s, {torch.get_num_threads()} threads)")
 
     if args.plot:

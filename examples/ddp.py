@@ -12,6 +12,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before init_process_group: see the end of main)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -50,7 +51,16 @@ def main(steps: int = 20, accumulation_steps: int = 4) -> None:
     assert all(torch.equal(copies[0], c) for c in copies), "replicas drifted apart"
     if rank == 0:
         print("ok: replicas agree", flush=True)
+    # A clean exit: gloo's worker threads free a finished collective's tensors a moment after
+    # the caller's wait() returns. If that happens once Python is shutting down (the tensors'
+    # Python objects gone), the thread cannot take the GIL and the process aborts
+    # ("terminate called without an active exception"). So the process group is destroyed
+    # here, which joins those threads while every tensor is still alive. That needs the last
+    # reference to it gone: DDP holds one, and torch.distributed.nn's functions keep the
+    # default group as a default argument when that module is first imported after
+    # init_process_group (DDP imports it), hence its import at the top.
     dist.barrier()
+    del ddp
     dist.destroy_process_group()
 
 

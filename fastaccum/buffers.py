@@ -35,6 +35,7 @@ import math
 import operator
 import os
 import weakref
+from itertools import repeat
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -415,7 +416,9 @@ class Bucket:
         self.ddp_wrote = [False] * len(params)
         # bf16/fp16 parameters whose p.grad is a GradView of their segment (plain tensors)
         self.grad_viewed = [self.low_precision and with_buffer and grad_views and _plain(p) for p in params]
-        self._wrappers: List[Optional[GradView]] = [None] * len(params)
+        # what p.grad is while a segment is fresh, when that is not the view itself (a GradView,
+        # or the DTensor over the view under FSDP2), made once per parameter
+        self._wrappers: List[Optional[Tensor]] = [None] * len(params)
         self._init_fast_state()
         self._init_folds(folds)
         # scale[i]: a factor applied to a fresh segment's gradient through its GradView (a
@@ -431,8 +434,11 @@ class Bucket:
         # (the copy of a window's first gradient, every bf16/fp16 fold). A gradient that
         # autograd added into an fp32 view in place is not seen: the micro-batch is then
         # incomplete (``micro_missed``) and does not report (noise_scale.py).
+        # ``device_measures``: the device-resident step, where the norms stay device tensors
+        # (summed without a read) instead of floats.
         self.measure = False
-        self.micro_sumsq = 0.0
+        self.device_measures = False
+        self.micro_sumsq: Any = 0.0
         self.micro_seen: set = set()
         self.micro_missed = False
 
@@ -505,6 +511,7 @@ class Bucket:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("device_measures", False)  # pickled before it existed
         if "external" not in state:  # pickled before these existed
             self._init_fast_state()
         if "pending" not in state:  # pickled before the batched fold: folds gradients one by one
@@ -590,8 +597,12 @@ class Bucket:
             p.grad = self._attached(i)
 
     def _add_micro_sumsq(self, s: Tensor) -> None:
-        """The sum of squares (a device value) of this bucket's gradients in a batched fold."""
-        self._micro_sumsq_dev = s if self._micro_sumsq_dev is None else self._micro_sumsq_dev + s
+        """The sum of squares (an fp64 device value) of this bucket's gradients in a batched fold:
+        kept on the device (resident step: never read; host step: read once per micro-batch)."""
+        if self.device_measures:
+            self.micro_sumsq = s if not isinstance(self.micro_sumsq, Tensor) else self.micro_sumsq + s
+        else:
+            self._micro_sumsq_dev = s if self._micro_sumsq_dev is None else self._micro_sumsq_dev + s
 
     # ------------------------------------------------------------ writes we make
     def _wrote(self, version_before: int, i: int, sumsq: Optional[float]) -> None:
@@ -622,15 +633,25 @@ class Bucket:
         if measured and self.measure:
             # the accumulate kernel's side output where the backend has one (cpu, triton)
             s = self.backend.accumulate_sumsq_(self.grad_views[i], grad, alpha)
-            self._record_sumsq(i, float(s) * alpha * alpha)
+            self._record_sumsq(i, s, alpha * alpha)
         elif self.backend.fuses_result_norm:
             result_sumsq = self.backend.accumulate_(self.grad_views[i], grad, alpha, result_sumsq=True)
         else:
             self.backend.accumulate_(self.grad_views[i], grad, alpha)
         self._wrote(v0, i, result_sumsq)
 
-    def _record_sumsq(self, i: int, s: float) -> None:
-        self.micro_sumsq += s
+    def _record_sumsq(self, i: int, s: Any, factor: float = 1.0) -> None:
+        """Add ``factor · s`` (``s``: a float or a 0-dim tensor) to the micro-batch's squared norm."""
+        if self.device_measures and isinstance(s, Tensor):
+            # summed in fp64 on the device, one op per fold (add promotes and scales in fp64)
+            s = s.detach().reshape(())
+            if not isinstance(self.micro_sumsq, Tensor):  # (a batched fold's gradients may be seen, not summed yet)
+                s = s.to(torch.float64)
+                self.micro_sumsq = s * factor if factor != 1.0 else s
+            else:
+                self.micro_sumsq = torch.add(self.micro_sumsq, s, alpha=factor)
+        else:
+            self.micro_sumsq += float(s) * factor
         self.micro_seen.add(i)
 
     def assign(self, i: int, grad: Tensor, measured: bool = False) -> None:
@@ -642,15 +663,15 @@ class Bucket:
         if measured and self.measure:
             # one read of the gradient just copied (no backend has a copy kernel with a
             # sum-of-squares output yet); once per window for fp32 parameters
-            self._record_sumsq(i, float(self.backend.sumsq(self.grad_views[i].reshape(-1))))
+            self._record_sumsq(i, self.backend.sumsq(self.grad_views[i].reshape(-1)))
         self._mark_fresh(i)
 
-    def take_micro_sumsq(self) -> Tuple[float, bool]:
+    def take_micro_sumsq(self) -> Tuple[Any, bool]:
         """(squared norm of the micro-batch that just ended, whether every gradient of it was
         measured); resets the counters for the next micro-batch."""
         self._sync_folds()
         total = self.micro_sumsq
-        if self._micro_sumsq_dev is not None:  # the batched folds' sums: one read per micro-batch
+        if self._micro_sumsq_dev is not None:  # the host step's batched folds: one read per micro-batch
             total += float(self._micro_sumsq_dev)
             self._micro_sumsq_dev = None
         out = (total, not self.micro_missed)
@@ -704,7 +725,8 @@ class Bucket:
         return [views[i] if ext[i] is None else ext[i] for i in idx]
 
     def has_external(self) -> bool:
-        return self.external.count(None) != len(self.external)
+        # (not list.count(None): that compares each tensor to None through Tensor.__eq__, ~4 us each)
+        return any(map(operator.is_not, self.external, repeat(None)))
 
     def own_external(self) -> None:
         """Copy the gradients read in place into their segments (a checkpoint saves the buffer)."""
@@ -855,7 +877,14 @@ class Bucket:
         """What ``p.grad`` is while segment ``i`` is fresh: the fp32 view, a GradView of it,
         or None (low-precision parameters that are tensor subclasses)."""
         if not self.low_precision:
-            return self.wrapped(i, self.grad_views[i])  # a DTensor under FSDP2
+            if not self.sharded:
+                return self.grad_views[i]
+            w = self._wrappers[i]
+            if w is None:
+                # a DTensor under FSDP2, made once: wrapping cost more per window than
+                # the copy of the gradient into the segment (see bench/dist_window.py)
+                w = self._wrappers[i] = self.wrapped(i, self.grad_views[i])
+            return w
         if not self.grad_viewed[i]:
             return None
         w = self._wrappers[i]
@@ -1008,13 +1037,14 @@ class Bucket:
         if settled:  # every p.grad is its attached view (settled() said so, and nothing ran since)
             for p in self.params:
                 p.grad = None
+            self.garbage = [True] * n  # every segment was fresh
         else:
             external = self.external
             for i, p in enumerate(self.params):  # consume(i) for every i, the flags below in one go
                 g = p.grad
                 if g is not None and (g is external[i] or self.owns_grad(i, g)):
                     p.grad = None
-        self.garbage = [g or f for g, f in zip(self.garbage, self.fresh)]
+            self.garbage = [g or f for g, f in zip(self.garbage, self.fresh)]
         self.fresh = [False] * n
         self.reduced = [False] * n
         self.scale = [1.0] * n
@@ -1108,6 +1138,8 @@ class Bucket:
         view = self.grad_views[i]
         if grad is view or (grad is not None and grad is self._wrappers[i]):
             return True  # the common case: autograd accumulated into the very tensor we attached
+        if type(grad) is Tensor and grad.layout == torch.strided and grad.data_ptr() != view.data_ptr():
+            return False  # a user's tensor elsewhere in memory (the checks below, cheapest first)
         if isinstance(grad, GradView):  # a copied optimizer's view (see GradView.__deepcopy__)
             grad = grad._inner
         grad = local(grad) if grad is not None else None

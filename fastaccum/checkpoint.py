@@ -33,6 +33,16 @@ class CheckpointMixin:
     """state_dict / load_state_dict of :class:`~fastaccum.optimizer.AccumOptimizer`."""
 
     def state_dict(self) -> Dict[str, Any]:
+        """torch.optim's state_dict plus what a run resumed mid-window needs (see the module).
+
+        Under FSDP2 with ``set_requires_gradient_sync(False)``, the window's micro-batches so
+        far are in FSDP2's unsharded gradients: they are reduce-scattered into fastaccum's
+        sharded buffers first (FSDP2's own reduction, as the window's last micro-batch would
+        run it), so the checkpoint holds them. That is a collective: call ``state_dict()``
+        (or ``get_state_dict``/``get_optimizer_state_dict``, as torch.distributed.checkpoint
+        does) on every rank.
+        """
+        self._flush_fsdp2()
         for b in self._buckets:  # a saved buffer holds the gradient as p.grad shows it
             b.apply_scales()
             b.own_external()
@@ -77,8 +87,6 @@ class CheckpointMixin:
             extra[name] = _from_local(torch.tensor([flags], dtype=torch.uint8).reshape(1, len(flags)), mesh)
         if len(self._buckets) != len(sharded):
             _mid_window_unsaved(self, "parameters that are not sharded by FSDP2")
-        elif self._window.micro_step and not any(any(b.fresh) for b in sharded):
-            _mid_window_unsaved(self, "FSDP2's unsharded gradients (set_requires_gradient_sync(False))")
         index = {id(p): k for k, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for b in sharded:
             for i, p in enumerate(b.params):
@@ -300,8 +308,7 @@ def _mid_window_unsaved(opt: "AccumOptimizer", where: str) -> None:
         warnings.warn(
             f"fastaccum: state_dict() inside an accumulation window (micro-batch {opt._window.micro_step} of "
             f"{opt.accumulation_steps}) does not hold the gradients kept in {where}; a run resumed from it "
-            "would lose them. Checkpoint when opt.micro_step == 0, or let FSDP2 reduce-scatter every "
-            "micro-batch (the partial sums then live in fastaccum's sharded buffers)",
+            "would lose them. Checkpoint when opt.micro_step == 0, or shard every parameter with fully_shard",
             RuntimeWarning,
             stacklevel=3,
         )

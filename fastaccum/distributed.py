@@ -3,11 +3,14 @@
 DDP with bf16/fp16 parameters: their gradients live in fastaccum's fp32 buffers, which
 DDP does not see, so a communication hook (:func:`ddp_comm_hook`) averages those buffers
 in fp32 while backward runs. FSDP2: the buckets hold the local shards (buffers.py); which
-DTensor layouts are accepted is decided in one place, :func:`check_param_kind`.
+DTensor layouts are accepted is decided in one place, :func:`check_param_kind`; the
+gradients FSDP2 keeps unsharded between micro-batches without gradient sync are handed to
+fastaccum's sharded buffers before a checkpoint (:meth:`DistributedMixin._flush_fsdp2`).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -17,7 +20,88 @@ from .window import dist_world
 
 
 class DistributedMixin:
-    """The DDP side of :class:`~fastaccum.optimizer.AccumOptimizer`."""
+    """The DDP and FSDP2 sides of :class:`~fastaccum.optimizer.AccumOptimizer`."""
+
+    # True while _flush_fsdp2 runs FSDP2's reduction: the hooks it fires only fold
+    # (step_in_backward must not update from a partial window's gradient)
+    _flushing = False
+
+    def _flush_fsdp2(self) -> bool:
+        """Reduce-scatter what FSDP2 holds unsharded for our parameters into our buffers.
+
+        With ``set_requires_gradient_sync(False)`` FSDP2 accumulates a window's micro-batches
+        in each parameter's *unsharded* gradient (``_unsharded_param.grad``, or the fp32
+        ``unsharded_accumulated_grad`` under a MixedPrecisionPolicy with ``reduce_dtype``),
+        which no state_dict holds. This runs FSDP2's own post-backward on the parameter
+        groups that hold such gradients, with gradient sync on for that call only: the same
+        reduce-scatter (``reduce_dtype``, divide factors, uneven-shard padding) the window's
+        last micro-batch would run, after which FSDP2 hands each shard to the parameters'
+        post-accumulate-grad hooks — ours — and forgets its unsharded gradient. Linear, so the
+        window's sum is the same, up to the rounding of a reduction split in two.
+
+        A collective: every rank must call it (DCP and state_dict are called on every rank,
+        and in lockstep training every rank holds the same groups' gradients). True when
+        something was reduced.
+        """
+        params = [p for b in self._buckets if b.sharded and b.grad is not None for p in b.params]
+        if not params:
+            return False
+        groups = fsdp2_param_groups(params)
+        if groups is None:
+            if self._window.micro_step:
+                warnings.warn(
+                    f"fastaccum: this torch version's FSDP2 ({torch.__version__}) is not laid out as fastaccum knows, "
+                    "so state_dict() inside an accumulation window cannot reduce-scatter the gradients FSDP2 may "
+                    "hold unsynced (set_requires_gradient_sync(False)) into the checkpoint; a run resumed from it "
+                    "would lose them. Checkpoint when opt.micro_step == 0, or sync gradients every micro-batch",
+                    RuntimeWarning, stacklevel=3)
+            return False
+        groups = [g for g in groups if any(_unsynced(fp) for fp in g.fsdp_params)]
+        if not groups:
+            return False
+        TrainingState = _fsdp2_internals()[2]
+        # FSDP2's internals this drives, checked before any collective starts
+        needed = ("post_backward", "finalize_backward", "reduce_grads", "all_reduce_grads", "_training_state",
+                  "comm_ctx")
+        missing = [a for a in needed if not all(hasattr(g, a) for g in groups)]
+        if missing or not hasattr(groups[0].comm_ctx, "reduce_scatter_states"):
+            raise RuntimeError(
+                f"fastaccum: this torch version's FSDP2 ({torch.__version__}) lacks "
+                f"{missing or 'reduce_scatter_states'}, which fastaccum uses to reduce-scatter the gradients "
+                "FSDP2 holds unsynced before a checkpoint; without that the checkpoint would lose them. "
+                "Checkpoint when opt.micro_step == 0, or call model.set_requires_gradient_sync(True) every "
+                "micro-batch")
+        busy = [g for g in groups if g._training_state != TrainingState.IDLE]
+        if busy:
+            raise RuntimeError(
+                "fastaccum: state_dict() was called while FSDP2 runs a forward or backward (it is in "
+                f"{busy[0]._training_state}): checkpoint between micro-batches, after opt.step()")
+        self._flushing = True
+        try:
+            for g in groups:
+                saved = (g.reduce_grads, g.all_reduce_grads)
+                g.reduce_grads = g.all_reduce_grads = True
+                try:
+                    g.post_backward()
+                finally:
+                    g.reduce_grads, g.all_reduce_grads = saved
+                    g._training_state = TrainingState.IDLE
+            # what FSDP2's end-of-backward callback does: the reduced shards are visible to
+            # the current stream, and the reduce-scatter inputs are released
+            for g in groups:
+                g.finalize_backward()
+            ctx = groups[0].comm_ctx
+            for rs in ctx.reduce_scatter_states:
+                if rs.event is not None:  # (none on the CPU)
+                    getattr(torch, "accelerator", torch.cuda).current_stream().wait_event(rs.event)
+            ctx.reduce_scatter_states.clear()
+        finally:
+            self._flushing = False
+        for b in self._buckets:
+            # the flushed shards are several micro-batches' sum: not a micro-batch's norm
+            b.take_micro_sumsq()
+        self._norm_cache = None
+        return True
 
     def _check_replicas(self) -> None:
         """bf16/fp16 replicas under DDP need our communication hook, or DDP reduces nothing."""
@@ -67,6 +151,62 @@ class DistributedMixin:
             return buffer
 
         return torch.futures.collect_all(futures).then(finish)
+
+
+def _fsdp2_internals() -> Optional[Tuple[Any, Any, Any]]:
+    """(module -> state registry, FSDPState, TrainingState) of this torch's FSDP2, or None."""
+    import importlib
+
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:
+        return None
+    for package in ("torch.distributed.fsdp._fully_shard", "torch.distributed._composable.fsdp"):
+        try:
+            state = importlib.import_module(package + "._fsdp_state").FSDPState
+            training = importlib.import_module(package + "._fsdp_common").TrainingState
+        except (ImportError, AttributeError):
+            continue
+        return _module_state_mapping, state, training
+    return None
+
+
+def fsdp2_param_groups(params: Sequence[Tensor]) -> Optional[List[Any]]:
+    """FSDP2's parameter groups (``FSDPParamGroup``) that hold any of ``params``, in the order
+    ``fully_shard`` registered them (the same on every rank, so their collectives match);
+    None when this torch's FSDP2 is not laid out as fastaccum knows.
+
+    Found through the registry FSDP2 itself looks states up in (module -> state): an
+    optimizer knows its parameters, not the model they belong to.
+    """
+    internals = _fsdp2_internals()
+    if internals is None:
+        return None
+    mapping, fsdp_state, _ = internals
+    ours = {id(p) for p in params}
+    seen: set = set()
+    groups = []
+    for ref in list(mapping.values()):
+        state = ref()
+        if not isinstance(state, fsdp_state) or id(state) in seen:
+            continue
+        seen.add(id(state))
+        state_groups = getattr(state, "_fsdp_param_groups", None)
+        if state_groups is None:  # torch before per-parameter meshes: one group per state
+            one = getattr(state, "_fsdp_param_group", None)
+            state_groups = [one] if one is not None else []
+        for g in state_groups:
+            if any(id(fp.sharded_param) in ours for fp in g.fsdp_params):
+                groups.append(g)
+    return groups
+
+
+def _unsynced(fsdp_param: Any) -> bool:
+    """Whether FSDP2 holds an unsharded gradient of this parameter that it has not reduced."""
+    if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None:
+        return True
+    unsharded = getattr(fsdp_param, "_unsharded_param", None)  # made at its first all-gather
+    return unsharded is not None and unsharded.grad is not None
 
 
 def check_param_kind(p: Tensor) -> None:

@@ -63,13 +63,16 @@ even when no micro-batch norm is measurable (e.g. under DDP without accumulation
 Laziness
 --------
 Inputs may be Python numbers or 0-dim tensors (e.g. the fp64 ``sum(x**2)`` side output of
-the accumulate kernel, on the GPU). Whether a window is estimable depends only on the
-weights, which are host numbers, so :meth:`NoiseScaleEstimator.update` never reads a tensor
-back: with tensor inputs the EMAs (and the count of windows, which skips non-finite windows
-with ``torch.where`` instead of a branch) stay tensors on the inputs' device, and a device
-sync happens only when :attr:`~NoiseScaleEstimator.value`, ``.g2``, ``.trace``, ``.windows``
-or :meth:`~NoiseScaleEstimator.state_dict` is read. With float inputs everything is float
-math on the host.
+the accumulate kernel, on the GPU). With tensor inputs :meth:`NoiseScaleEstimator.update`
+never reads a tensor back: the EMAs (and the count of windows, which skips non-finite
+windows with ``torch.where`` instead of a branch) stay tensors on the inputs' device, and a
+device sync happens only when :attr:`~NoiseScaleEstimator.value`, ``.g2``, ``.trace``,
+``.windows`` or :meth:`~NoiseScaleEstimator.state_dict` is read. Whether a window is
+estimable depends only on the weights: with host numbers it is decided on the host; a
+device-resident optimizer passes its weights (tensor weights, or sums all-reduced on the
+device) and whether its step was applied (the skip is decided on the device too) as tensors
+to :meth:`~NoiseScaleEstimator.update_from_sums`, and the decision is then a mask as well.
+With float inputs everything is float math on the host.
 
 This module imports only ``math``, ``typing`` and ``torch``.
 """
@@ -141,6 +144,21 @@ def mean_grad_sumsq(raw_sumsq: Number, multiplier: float) -> Number:
     return raw_sumsq / (m * m)
 
 
+def _solvable(small_weight: Number, small_count: Number, big_weight: Number) -> Any:
+    """Whether the two batch sizes differ (``k·B > W_R``, by a relative margin): a bool for
+    numbers, a bool tensor (decided on the device) when any input is a tensor."""
+    k, w_r, big = small_count, small_weight, big_weight
+    return (k > 0) & (w_r > 0) & (big > 0) & (k * big - w_r > _MARGIN * k * big)
+
+
+def _solve(s1: Number, w_r: Number, k: Number, big_sumsq: Number, big: Number) -> Tuple[Number, Number]:
+    """The two equations of the module docstring solved for ``(|G|², tr(Σ))``: the one place
+    the estimator's formula is written (numbers or tensors alike, no branch)."""
+    trace = (s1 / w_r - big_sumsq) * (w_r * big / (k * big - w_r))
+    g2 = big_sumsq - trace / big
+    return g2, trace
+
+
 def two_batch_estimates(
     small_weighted_sumsq: Number,
     small_weight: float,
@@ -159,12 +177,22 @@ def two_batch_estimates(
     w_r = float(small_weight)
     k = float(small_count)
     big = float(big_weight)
-    denom = k * big - w_r
-    if not (k > 0 and w_r > 0 and big > 0) or denom <= _MARGIN * k * big:
+    if not _solvable(w_r, k, big):
         return None
-    trace = (small_weighted_sumsq / w_r - big_sumsq) * (w_r * big / denom)
-    g2 = big_sumsq - trace / big
-    return g2, trace
+    return _solve(small_weighted_sumsq, w_r, k, big_sumsq, big)
+
+
+def _device_weight(name: str, value: Any, allow_zero: bool = False) -> Number:
+    """A weight or count for the device fold: a 0-dim fp64 tensor (kept on its device, never
+    read here) or a checked host number (0 allowed for a window without reports)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor with {value.numel()} elements; expected one number")
+        t = value.detach().reshape(())
+        return t.to(torch.float64) if t.device.type != "mps" else t.to(torch.float32)
+    if allow_zero and not isinstance(value, bool) and value == 0:
+        return 0.0
+    return _weight(name, value)
 
 
 def _finite(x: Number) -> Any:
@@ -203,7 +231,17 @@ class NoiseScaleEstimator:
         self._g2: Number = 0.0  # EMA of |G|²^ (not bias-corrected)
         self._trace: Number = 0.0  # EMA of tr(Σ)^
         self._n: Number = 0  # estimable, finite windows folded in
-        self.unestimable_windows = 0  # windows left out because the two batch sizes coincided
+        self._unestimable: Number = 0  # windows left out because the two batch sizes coincided
+
+    @property
+    def unestimable_windows(self) -> int:
+        """Windows left out because the two batch sizes coincided (reading it syncs when the
+        decision was made on the device)."""
+        return int(_to_float(self._unestimable))
+
+    @unestimable_windows.setter
+    def unestimable_windows(self, value: int) -> None:
+        self._unestimable = int(value)
 
     # ------------------------------------------------------------------ feeding
     def update(
@@ -249,54 +287,93 @@ class NoiseScaleEstimator:
     def update_from_sums(
         self,
         weighted_sumsq: Number,
-        reported_weight: float,
-        reported_count: float,
+        reported_weight: Number,
+        reported_count: Number,
         window_sumsq: Number,
-        window_weight: float,
-    ) -> bool:
+        window_weight: Number,
+        *,
+        applied: Optional[Tensor] = None,
+    ) -> Any:
         """Fold in one window given as sums -- the form to all-reduce across ranks.
 
         ``weighted_sumsq = Σ_R b_i |g_i|²``, ``reported_weight = Σ_R b_i`` and
         ``reported_count = |R|`` over the micro-batches (of all ranks) that reported a norm;
         ``window_sumsq = |G_B|²`` of the global window mean and ``window_weight = B``, its
         global weight. Returns True when the window was estimable.
+
+        On the device (nothing read back): the weights and the count may be 0-dim tensors
+        (sums all-reduced on the device, tensor weights), and ``applied`` a bool tensor that is
+        False when the window's step was skipped there -- such a window is not counted at all,
+        as a skipped window is never passed on the host. Whether the window is estimable is
+        then decided on the device as well, and the return value is a bool tensor.
         """
-        if reported_count == 0:
-            self.unestimable_windows += 1
-            return False
-        w_r = _weight("reported_weight", reported_weight)
-        k = _weight("reported_count", reported_count)
-        big = _weight("window_weight", window_weight)
-        return self._fold(
-            _sumsq("weighted_sumsq", weighted_sumsq), w_r, k, _sumsq("window_sumsq", window_sumsq), big
+        weights = (reported_weight, reported_count, window_weight)
+        if applied is None and not any(isinstance(x, Tensor) for x in weights):
+            if reported_count == 0:
+                self._unestimable = self._unestimable + 1
+                return False
+            w_r = _weight("reported_weight", reported_weight)
+            k = _weight("reported_count", reported_count)
+            big = _weight("window_weight", window_weight)
+            return self._fold(
+                _sumsq("weighted_sumsq", weighted_sumsq), w_r, k, _sumsq("window_sumsq", window_sumsq), big
+            )
+        if applied is not None and (not isinstance(applied, Tensor) or applied.dtype != torch.bool):
+            raise ValueError(f"Invalid applied: {applied!r}; expected a bool tensor (False: the step was skipped)")
+        no_reports = not isinstance(reported_count, Tensor) and reported_count == 0
+        w_r, k, big = (
+            _device_weight(name, x, allow_zero=no_reports)
+            for name, x in zip(("reported_weight", "reported_count", "window_weight"), weights)
+        )
+        return self._fold_on_device(
+            _sumsq("weighted_sumsq", weighted_sumsq), w_r, k, _sumsq("window_sumsq", window_sumsq), big, applied
         )
 
     def _fold(self, s1: Number, w_r: float, k: float, window_sumsq: Number, big: float) -> bool:
-        est = two_batch_estimates(s1, w_r, k, window_sumsq, big) if k > 0 else None
-        if est is None:
-            self.unestimable_windows += 1
+        """One window whose weights are host numbers (estimability decided here)."""
+        if not _solvable(w_r, k, big):
+            self._unestimable = self._unestimable + 1
             return False
-        g2, trace = est
-        a = self.ema
-        if isinstance(g2, Tensor) or isinstance(trace, Tensor):
-            # stay on the device: a non-finite window (overflowed norm) is dropped by a mask,
-            # not by an `if` that would need its value on the host
-            g2 = torch.as_tensor(g2, dtype=torch.float64 if not isinstance(g2, Tensor) else g2.dtype)
-            dev = g2.device
-            trace = torch.as_tensor(trace, dtype=g2.dtype, device=dev)
-            ok = torch.isfinite(g2) & torch.isfinite(trace)
-            old_g2 = torch.as_tensor(self._g2, dtype=g2.dtype, device=dev)
-            old_tr = torch.as_tensor(self._trace, dtype=g2.dtype, device=dev)
-            self._g2 = torch.where(ok, a * old_g2 + (1 - a) * g2, old_g2)
-            self._trace = torch.where(ok, a * old_tr + (1 - a) * trace, old_tr)
-            self._n = torch.as_tensor(self._n, dtype=torch.int64, device=dev) + ok.to(torch.int64)
+        g2, trace = _solve(s1, w_r, k, window_sumsq, big)
+        if isinstance(g2, Tensor):
+            self._ema_on_device(g2, trace, None)
             return True
         if not (_finite(g2) and _finite(trace)):
             return False
+        a = self.ema
         self._g2 = a * self._g2 + (1 - a) * g2
         self._trace = a * self._trace + (1 - a) * trace
         self._n = self._n + 1
         return True
+
+    def _fold_on_device(self, s1: Number, w_r: Number, k: Number, window_sumsq: Number, big: Number,
+                        applied: Optional[Tensor]) -> Any:
+        """One window whose estimability (or whose step) is known only on the device."""
+        no_reports = not isinstance(k, Tensor) and k == 0
+        solvable = False if no_reports else _solvable(w_r, k, big)
+        if isinstance(solvable, bool) and not solvable:
+            # left out, known here; it counts as left out only if its step was applied
+            self._unestimable = self._unestimable + (1 if applied is None else applied)
+            return False
+        counted = applied if solvable is True else solvable if applied is None else applied & solvable
+        if isinstance(solvable, Tensor):
+            self._unestimable = self._unestimable + (~solvable if applied is None else applied & ~solvable)
+        g2, trace = _solve(s1, w_r, k, window_sumsq, big)  # garbage where not solvable: masked below
+        self._ema_on_device(g2, trace, counted)
+        return counted
+
+    def _ema_on_device(self, g2: Tensor, trace: Tensor, counted: Any) -> None:
+        # a non-finite window (an overflowed norm), or one that does not count, is dropped by
+        # a mask, not by an `if` that would need its value on the host. One isfinite for both
+        # (a composite of four kernels on a GPU): inf or nan in either makes the sum non-finite,
+        # and two finite estimates of squared norms do not add up to fp64's overflow.
+        ok = torch.isfinite(g2 + trace)
+        if counted is not None and counted is not True:
+            ok = ok & counted
+        a = self.ema
+        self._g2 = torch.where(ok, a * self._g2 + (1 - a) * g2, self._g2)
+        self._trace = torch.where(ok, a * self._trace + (1 - a) * trace, self._trace)
+        self._n = self._n + ok
 
     # ------------------------------------------------------------------ reading (syncs)
     @property

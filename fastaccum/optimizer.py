@@ -13,13 +13,16 @@ gradient overwrites them.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
 import weakref
+from itertools import repeat
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 
 from .arguments import document_args
@@ -46,6 +49,25 @@ _SKIP_WARN_AFTER = 10
 # torch.utils.swap_tensors (model.to(...) with swapping). An id cannot be reused while its
 # optimizer lives (it holds the parameter); dead entries are dropped by _release.
 _OWNERS: Dict[int, "weakref.ref[AccumOptimizer]"] = {}
+
+
+def _step_wrapper(step: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.optim wraps every ``step`` to run the step pre/post hooks and to label it for
+    the profiler; its ``record_function`` costs a few microseconds per step even with no
+    profiler running. This runs torch's own wrapper whenever a hook is registered or a
+    profiler is on, and the plain step otherwise (``hooked``: torch then leaves it as is)."""
+    hooked = torch.optim.Optimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self: "AccumOptimizer", *args: Any, **kwargs: Any) -> Any:
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks
+                or torch._C._autograd._profiler_enabled()):
+            return hooked(self, *args, **kwargs)
+        return step(self, *args, **kwargs)
+
+    wrapper.hooked = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
@@ -187,15 +209,24 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         one device (the triton backend): no step then reads a device value on the host."""
         backends = {b.backend for b in self._buckets}
         devices = {b.device for b in self._buckets}
-        # track_noise_scale reads the per-micro-batch norms on the host: the step then runs
-        # host-decided (one sync per step) -- a device-resident noise scale is not built yet
-        if (self.step_in_backward or self.track_noise_scale or len(backends) != 1 or len(devices) != 1
+        if (self.step_in_backward or len(backends) != 1 or len(devices) != 1
                 or not all(b.backend.device_resident and not b.sharded for b in self._buckets)):
             return
+        if self.track_noise_scale and self.defaults.get("capturable"):
+            # the noise scale's bookkeeping makes new device tensors and host counts every
+            # window, and its micro-batch reports come from the hooks, outside a captured
+            # step: a graph would replay the capture's
+            raise ValueError(
+                "capturable=True (CUDA graphs) cannot track the noise scale: its per-micro-batch reports are "
+                "new tensors every window, which a captured step would not see; drop track_noise_scale=True "
+                "or capturable=True"
+            )
         backend, device = backends.pop(), devices.pop()
         self._resident = ResidentStep(backend.bucket, device)
         self._window.to_device(backend.bucket, device)
         self._adopt_device_steps()
+        for bucket in self._buckets:  # noise-scale reports stay on the device (never read back)
+            bucket.device_measures = True
 
     def _adopt_device_steps(self) -> None:
         self._resident.adopt_steps(self._buckets)
@@ -320,6 +351,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             bucket = Bucket(ps, group_index, backend, with_buffer=not self._no_buffer,
                             grad_views=dist_world() is None, folds=self._folds_for(backend, device, dtype))
             bucket.measure = self.track_noise_scale
+            bucket.device_measures = self._resident is not None
             self._add_bucket(bucket)
         if self._resident is not None:
             self._adopt_device_steps()
@@ -427,7 +459,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         # micro-batches must not drop the earlier ones
         bucket.take_from_hook(i, add_to_fresh=self.accumulation_steps > 1)
         self._norm_cache = None
-        if self.step_in_backward and self._window.sync_gradients:
+        if self.step_in_backward and self._window.sync_gradients and not self._flushing:
             # the window's last micro-batch: its gradient is in the segment now (added in place
             # or folded), so the parameter is updated here and the segment goes stale; no
             # separate update pass, and nothing of this parameter waits for step()
@@ -467,18 +499,20 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
                 self._norm_cache = None
                 # a gradient assigned by hand was never measured: this window's micro-batch
                 # reports no longer describe the buffer
-                self._window.noise_sums = [0.0, 0.0, 0.0]
+                self._window.drop_reports()
 
     def _close_micro(self) -> None:
         """A ``step()`` call ends a micro-batch: hand its squared norm (when every gradient of
-        it was measured, see buffers.py) to the window, which keeps the noise-scale sums."""
-        total, complete, seen = 0.0, True, False
+        it was measured, see buffers.py) to the window, which keeps the noise-scale sums.
+        On the device-resident step the norms are device tensors, added without a read."""
+        total, complete = None, True
         for b in self._buckets:
-            seen = seen or bool(b.micro_seen)
+            seen = bool(b.micro_seen)
             s, ok = b.take_micro_sumsq()
-            total += s
+            if seen:
+                total = s if total is None else total + s
             complete = complete and ok
-        self._window.close_micro(total if (complete and seen) else None)
+        self._window.close_micro(total if complete else None)
 
     # ------------------------------------------------------------ user API
     @property
@@ -663,20 +697,39 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         In managed mode (``accumulation_steps > 1``) this is a no-op while a window is in
         progress, so ``zero_grad()`` may be called after every micro-batch.
         """
+        if torch.compiler.is_compiling():  # host bookkeeping only: run eagerly (a graph break)
+            self._zero_grad_eagerly(set_to_none)
+            return
         if self._window.micro_step != 0 or self._no_buffer:
             return
         for bucket in self._buckets:
             bucket.clear(set_to_none)
         self._end_window()
 
-    @torch.no_grad()
+    @torch.compiler.disable
+    def _zero_grad_eagerly(self, set_to_none: bool) -> None:
+        self.zero_grad(set_to_none)
+
+    @_step_wrapper
     def step(self, closure: Optional[Callable[[], Any]] = None, *, grad_scale: Optional[Tensor] = None,
              found_inf: Optional[Tensor] = None) -> Any:
         """Count a micro-batch; on the last one of the window, update every parameter.
 
         ``grad_scale``/``found_inf`` are what ``torch.amp.GradScaler`` provides (it sets them
         as attributes when driving this optimizer); they are folded into the same update.
+        Inside a function compiled with ``torch.compile``: see :meth:`_step_compiled`.
         """
+        if torch.compiler.is_compiling():
+            return self._step_compiled(closure, grad_scale, found_inf)
+        grad_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad(), without its context object per call
+        try:
+            return self._step(closure, grad_scale, found_inf)
+        finally:
+            torch._C._set_grad_enabled(grad_enabled)
+
+    def _step(self, closure: Optional[Callable[[], Any]], grad_scale: Optional[Tensor],
+              found_inf: Optional[Tensor]) -> Any:
         if self._taken_over:
             raise RuntimeError("a newer fastaccum optimizer was created over some of this optimizer's parameters "
                                "and took them over (only one can own their gradient buffers): step the newer "
@@ -701,6 +754,41 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         if self._window.advance():
             self._update(grad_scale, found_inf)
         return loss
+
+    # --------------------------------------------------------------- torch.compile
+    def _step_compiled(self, closure: Optional[Callable[[], Any]], grad_scale: Optional[Tensor],
+                       found_inf: Optional[Tensor]) -> Any:
+        """``step()`` in a function that ``torch.compile`` traces.
+
+        A step's host side (the window's count, the buckets' p.grad bookkeeping, the segment
+        tables, every argument check) is Python over host state, different at every call: it
+        runs eagerly, as a graph break (:meth:`_host_step`), with the bucket kernels' launches
+        recorded instead of run. The launches are then replayed as the ``fastaccum::*`` custom
+        ops (backends/triton_kernels.py), which the compiled graph calls: opaque to the
+        compiler, with fake implementations and the tensors they write declared, so that the
+        graph orders them with what surrounds the step (and a functionalising backend hands
+        them copies, which they write). Without bucket kernels (cpu and torch backends,
+        ``step_in_backward``) the whole step runs in the graph break. ``fullgraph=True`` cannot
+        hold: a step always has host work.
+        """
+        loss, calls = self._host_step(closure, grad_scale, found_inf)
+        if calls:
+            with torch.no_grad():  # the ops write parameters in place
+                self._resident.kernels.replay(calls)
+        return loss
+
+    @torch.compiler.disable
+    def _host_step(self, closure: Optional[Callable[[], Any]], grad_scale: Optional[Tensor],
+                   found_inf: Optional[Tensor]) -> Tuple[Any, List[Any]]:
+        """The step, eagerly, and the bucket-kernel launches it recorded to run after it returns
+        (a launch whose memory the step touches later runs at that point instead: see
+        ``triton_kernels.deferred``)."""
+        with torch.no_grad():
+            if self._resident is None:
+                return self._step(closure, grad_scale, found_inf), []
+            with self._resident.kernels.deferred() as calls:
+                loss = self._step(closure, grad_scale, found_inf)
+            return loss, list(calls)
 
     # --------------------------------------------------------------- internals
     def _tokens_per_step(self) -> float:
@@ -765,8 +853,8 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         for group in self.param_groups:
             # a group whose values are the ones checked last step (same numbers, no tensors)
             # is valid: a scheduler changing lr makes one check, not one per parameter
-            values = tuple(v for k, v in group.items() if k != "params")
-            if any(isinstance(v, Tensor) for v in values):
+            values = tuple([v for k, v in group.items() if k != "params"])
+            if any(map(isinstance, values, repeat(Tensor))):
                 values = None
             elif checked.get(id(group)) == values:
                 continue
@@ -826,8 +914,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         settled = self._settled  # no user code ran since _fold_grads: their p.grad are still our views
         for bucket, _ in work:
             bucket.consume_all(settled=id(bucket) in settled)
-        if self._noise is not None and self._window.last_noise is not None:
-            self._noise.update_from_sums(*self._window.last_noise)  # skipped windows never get here
+        self._feed_noise()
         if self._scaler is not None:
             self._scaler.update(found_inf=False)
         self._consecutive_skips = 0
@@ -837,7 +924,8 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         """The same step with every decision on the device: sumsq per bucket (when the norm is
         needed), one finalize, one update launch per bucket; the update kernels return at
         once when finalize decided to skip. Nothing here reads a device value."""
-        if self._deferred_scale() != 1.0:
+        written_scale = self._deferred_scale()
+        if written_scale != 1.0:
             # a trainer's clip through bf16/fp16 p.grad views: written into the buffers (one
             # pass) rather than read back to the host as a multiplier
             for bucket in self._buckets:
@@ -849,10 +937,10 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             None if isinstance(divisor, Tensor) else self._window.host_weight_total(divisor, (dist_world() or (1,))[0]))
         # everything that can refuse runs before any kernel (state allocation, hyper-parameters)
         launches = []
-        for _, bucket, table in res.work:
+        for bi, bucket, table in res.work:
             self._prepare_state(bucket, bucket.live_indices())
             group = self.param_groups[bucket.group_index]
-            launches.append((bucket, table, self._device_hyper(group), self._rng_seed(self._stochastic(bucket))))
+            launches.append((bucket, table, self._device_hyper(group), self._device_seed(bi, self._stochastic(bucket))))
         # a kernel that fails leaves the step counts and the window as they were (device
         # copies, no sync), so that a retry does not count a step twice
         saved_steps, saved_window = res.steps.clone(), self._window.state.clone()
@@ -861,7 +949,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             self._device_stats = (partials is not None, divisor)  # for stats(): read when it is called
             self._window.finalize_on_device(
                 partials, res.steps, res.step_index, grad_scaler_scale=_as_tensor(grad_scale),
-                found_inf=_as_tensor(found_inf), max_grad_norm=self.max_grad_norm,
+                found_inf=_as_tensor(found_inf), max_grad_norm=self.max_grad_norm, written_scale=written_scale,
             )
             for bucket, table, hyper, seed in launches:
                 getattr(res.kernels, self._kernel)(
@@ -874,7 +962,15 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             raise
         for bucket in self._buckets:
             bucket.consume_all()
+        self._feed_noise()
         self._end_window()
+
+    def _feed_noise(self) -> None:
+        """The window's noise sums to the estimator; a skipped window never counts (on the host
+        it never gets here, on the device its ``last_applied`` is False)."""
+        w = self._window
+        if self._noise is not None and w.last_noise is not None:
+            self._noise.update_from_sums(*w.last_noise, applied=w.last_applied)
 
     def _flat_state_args(self, bucket: Bucket) -> List[Optional[Tensor]]:
         """The algorithm's flat state tensors in its kernel's order (see adam.py / sgd.py)."""
@@ -947,6 +1043,18 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         # under torch.manual_seed and differ from step to step.
         return int(torch.randint(0, 2**62, (1,)).item()) if needed else 0
 
+    def _device_seed(self, bucket_index: int, needed: bool) -> int:
+        """A bucket's stochastic-rounding seed on the device-resident step: drawn once from
+        torch's RNG and kept, so that a step reads no host value and its kernels' arguments are
+        the same every step (what a captured CUDA graph replays). The noise still changes from
+        step to step: the kernels count it by the parameters' device step counts."""
+        if not needed:
+            return 0
+        seeds = self.__dict__.setdefault("_device_seeds", {})
+        if bucket_index not in seeds:
+            seeds[bucket_index] = self._rng_seed(True)
+        return seeds[bucket_index]
+
     def _stochastic(self, bucket: Bucket) -> bool:
         return self.state_dtype == torch.bfloat16 or (bucket.dtype == torch.bfloat16 and not self.master_weights)
 
@@ -970,11 +1078,13 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
     ) -> Tuple[Any, Any]:
         """The kernel's (segments, hyper-parameters); changes no parameter and no step count."""
         group = self.param_groups[bucket.group_index]
-        steps = bucket.steps.tolist()
         segs = self._cached_segments(bucket, idx, grads)
-        if segs is not None:
-            segs.steps = [int(s) + 1 for s in steps]
+        if segs is not None and bucket.backend.counts_steps and hasattr(segs, "step_counts"):
+            segs.step_counts = bucket.steps  # the backend adds one to each count (_run_bucket does not)
+        elif segs is not None:
+            segs.steps = [int(s) + 1 for s in bucket.steps.tolist()]
         else:
+            steps = bucket.steps.tolist()
             views = self._prepare_state(bucket, idx)
             segs = self._segments(
                 bucket, idx, views,
@@ -990,24 +1100,31 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         on later steps (``reusable``: a backend keeps its pointer layout on them), while no
         state entry was added or removed since. None when this update is another kind."""
         # (FSDP2 may give a shard a new local tensor: its segments are made every step)
-        if grads is not None or bucket.sharded or len(idx) != len(bucket.params) or bucket.has_external():
+        if grads is not None or bucket.sharded or len(idx) != len(bucket.params):
             return None
         key = id(bucket)
         mark = (id(self.state), len(self.state), self._state_epoch,
                 tuple(self._state_spec(self.param_groups[bucket.group_index])))
         hit = self._segs_cache.get(key)
         if hit is not None and hit[0] == mark and hit[1] is bucket:
-            return hit[2]
+            segs = hit[2]
+            # the segments' own gradients, or this step's (a user's p.grad read in place)
+            segs.grads = bucket.update_grads(idx) if bucket.has_external() else hit[3]
+            return segs
+        if bucket.has_external():
+            return None  # laid out from the segments' own gradients only
         views = self._prepare_state(bucket, idx)
         segs = self._segments(bucket, idx, views, bucket.update_grads(idx), [])
         if hasattr(segs, "reusable"):
             segs.reusable = True
         mark = mark[:1] + (len(self.state),) + mark[2:]  # the state entries _prepare_state made
-        self._segs_cache[key] = (mark, bucket, segs)
+        self._segs_cache[key] = (mark, bucket, segs, segs.grads)
         return segs
 
     def _run_bucket(self, bucket: Bucket, idx: Sequence[int], plan: Tuple[Any, Any]) -> None:
-        if len(idx) == len(bucket.params):
+        if getattr(plan[0], "step_counts", None) is not None:
+            pass  # counted by the backend, once its update has run
+        elif len(idx) == len(bucket.params):
             bucket.steps += 1
         else:
             bucket.steps[list(idx)] += 1
@@ -1051,7 +1168,10 @@ def _make_hook(ref: "weakref.ref[AccumOptimizer]", bi: int, i: int) -> Callable[
         if opt is not None:
             opt._grad_ready(bi, i, p)
 
-    return hook
+    # Autograd runs the hook inside a backward that a compiled function called, where
+    # torch.compile would trace it (buffer bookkeeping, per-tensor kernel launches, a
+    # recompilation per parameter): it runs eagerly instead.
+    return torch.compiler.disable(hook)
 
 
 def _as_tensor(x: Any) -> Optional[Tensor]:

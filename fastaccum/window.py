@@ -14,7 +14,7 @@ buffers' norm read back as a float: free on a CPU. On the device (the window is
 found-inf flag, the skip decision, the multiplier, the dynamic loss scale and the step
 counts are all computed by one ``finalize`` kernel (:meth:`AccumulationWindow.finalize_on_device`)
 and read by the update kernels, so no step waits for the GPU. Tensor weights, GradScaler's
-tensors and the cross-rank all-reduce then stay on the device too.
+tensors, the cross-rank all-reduce and the noise scale's sums then stay on the device too.
 """
 from __future__ import annotations
 
@@ -27,12 +27,39 @@ from torch import Tensor
 from .scaling import LossScaler
 
 
+_DIST = torch.distributed if torch.distributed.is_available() else None
+
+
 def dist_world() -> Optional[Tuple[int, str]]:
     """The default process group's (world size, backend) when torch.distributed runs, else None."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_world_size(), dist.get_backend()
+    if _DIST is not None and _DIST.is_initialized() and _DIST.get_world_size() > 1:
+        return _DIST.get_world_size(), _DIST.get_backend()
     return None
+
+
+def _fp64_on(device: torch.device, x: Union[float, Tensor]) -> Tensor:
+    """``x`` as a 0-dim fp64 tensor on ``device``; a host number by a fill on the device (no copy:
+    a host-to-device copy of pageable memory would wait for the device)."""
+    if isinstance(x, Tensor):
+        return x.reshape(()).to(device, torch.float64)
+    return torch.full((), float(x), dtype=torch.float64, device=device)
+
+
+def _div_sq(x: Any, *factors: Any) -> Any:
+    """``x / (f1 · f2 · ...)²``. A tensor factor (an fp32 loss scale, a device weight sum) divides
+    ``x`` on its own, so that each division runs in ``x``'s precision (fp64) instead of rounding
+    a product to fp32 first; host numbers are multiplied first (no op for 1)."""
+    host = 1.0
+    for f in factors:
+        if isinstance(f, Tensor):
+            x = x / f / f
+        else:
+            host *= f
+    return x / (host * host) if host != 1.0 else x
+
+
+def _fp32(x: Union[float, Tensor]) -> Union[float, Tensor]:
+    return x.float() if isinstance(x, Tensor) and x.dtype != torch.float32 else x
 
 
 class AccumulationWindow:
@@ -64,20 +91,26 @@ class AccumulationWindow:
         self.state: Optional[Tensor] = None
         self.weight_sum_t: Optional[Tensor] = None
         self.bad_weight_t: Optional[Tensor] = None
-        # Gradient noise scale (noise_scale.py): the sums of the micro-batches that reported a
-        # squared norm this window, in absolute weight units: (Σ_R b_i |g_i|², Σ_R b_i, |R|).
+        # Gradient noise scale (noise_scale.py): the micro-batches that reported a squared
+        # norm this window, in the window's weight units and before unscaling:
+        # (Σ_R raw_i / u_i, Σ_R u_i, |R|), with raw_i the squared norm of what micro-batch i
+        # added to the buffers (its loss was multiplied by loss_scale · u_i, see loss_factor)
+        # and u_i its weight in units of weight_ref. Floats, or device tensors on a resident
+        # window (nothing is read back); noise_totals() turns them into absolute units.
         # ``measure_norm``: the optimizer tracks the noise scale, so every step runs the norm
         # pass (it gives |G_B|²).
         self.measure_norm = False
-        self.noise_sums = [0.0, 0.0, 0.0]
-        self._closed_units = 0.0  # weight units of the micro-batches already closed this window
+        self.reports: List[Any] = [0.0, 0.0, 0.0]
+        self._open_units: Any = 0.0  # weight units committed since the last micro-batch closed
         # what the last applied (or skipped) window was, for stats() and the noise scale:
         # its global weight sum in absolute units (None while tensor weights keep it on the
         # device), its unscaled normalised norm (None without a norm pass), and the reduced
-        # noise sums with |G_B|² (None when not measured)
+        # noise sums with |G_B|² (None when not measured; tensors on a resident window, with
+        # ``last_applied``, a bool tensor: False when the device skipped the step)
         self.last_weight_total: Optional[float] = None
         self.last_grad_norm: Optional[float] = None
-        self.last_noise: Optional[Tuple[float, float, float, float, float]] = None
+        self.last_noise: Optional[Tuple[Any, Any, Any, Any, Any]] = None
+        self.last_applied: Optional[Tensor] = None
 
     # ----------------------------------------------------------------- device residence
     def to_device(self, kernels: Any, device: torch.device) -> None:
@@ -100,6 +133,9 @@ class AccumulationWindow:
             self.bad_weight_t = torch.zeros((), dtype=torch.float32, device=self.state.device)
         self.weight_sum_t += w
         self.bad_weight_t += (~(torch.isfinite(w) & (w > 0))).float()
+        if self.measure_norm:  # (the micro-batch's weight for its noise-scale report)
+            opened = self._open_units
+            self._open_units = w if isinstance(opened, float) and opened == 0.0 else opened + w
 
     # ----------------------------------------------------------------- micro-batches
     @property
@@ -138,30 +174,42 @@ class AccumulationWindow:
             self.weight_sum = unit  # every backward is its own step
         else:
             self.weight_sum += unit
+            if self.measure_norm:
+                self._open_units = self._open_units + unit
         self.weighted = True
 
-    def close_micro(self, raw_sumsq: Optional[float]) -> None:
+    def close_micro(self, raw_sumsq: Any) -> None:
         """A micro-batch ended (a ``step()`` call): record its squared-norm report.
 
         ``raw_sumsq`` is the squared norm of what reached the buffers in that micro-batch,
-        i.e. of ``loss_scale · (w_i/weight_ref) · g_i`` (see :meth:`loss_factor`), or None when
-        it was not measured completely (then the micro-batch does not report). A micro-batch
-        whose weight lives on the device (a tensor weight) cannot report either.
+        i.e. of ``loss_scale · (w_i/weight_ref) · g_i`` (see :meth:`loss_factor`): a float, a
+        device tensor (resident: not read), or None when it was not measured completely (then
+        the micro-batch does not report). Its weight may be a device tensor too.
         """
-        if self.weighted:
-            unit = self.weight_sum - self._closed_units
-            self._closed_units = self.weight_sum
-            scale = self.scaler.scale if self.scaler is not None else 1.0
-            ref = float(self.weight_ref) if self.weight_ref is not None else 1.0
-        else:
-            unit, scale, ref = 1.0, 1.0, 1.0
-        if raw_sumsq is None or self.weight_sum_t is not None or not unit > 0:
+        unit = self._open_units if self.weighted else 1.0
+        self._open_units = 0.0
+        if raw_sumsq is None or (not isinstance(unit, Tensor) and not unit > 0):
             return
-        b = unit * ref  # the micro-batch's weight b_i, in the unit of weight=
-        mean_sq = raw_sumsq / (unit * scale) ** 2  # |g_i|² of its mean gradient
-        self.noise_sums[0] += b * mean_sq
-        self.noise_sums[1] += b
-        self.noise_sums[2] += 1.0
+        r = self.reports
+        first = r[2] == 0
+        r[0] = raw_sumsq / unit if first else r[0] + raw_sumsq / unit
+        r[1] = unit if first else r[1] + unit
+        r[2] += 1.0
+
+    def drop_reports(self) -> None:
+        """The buffers no longer hold what the reports measured (a gradient assigned by hand)."""
+        self.reports = [0.0, 0.0, 0.0]
+
+    def noise_totals(self, scale: Any) -> Tuple[Any, Any, float]:
+        """This window's reports in the unit of ``weight=``, unscaled: ``(Σ_R b_i |g_i|²,
+        Σ_R b_i, |R|)`` (noise_scale.py), with ``b_i = u_i · weight_ref`` and
+        ``|g_i|² = raw_i / (u_i · scale)²``; ``scale``: what the losses were multiplied by
+        besides the weights (the loss scale; GradScaler's scale), constant within a window."""
+        s, units, k = self.reports
+        if k == 0:
+            return 0.0, 0.0, 0.0
+        ref = self.weight_ref if (self.weighted and self.weight_ref is not None) else 1.0
+        return _div_sq(s * ref, scale), units * ref, k
 
     def host_weight_total(self, divisor: float, world: int = 1) -> Optional[float]:
         """The window's weight sum in the unit of ``weight=`` (tokens with ``weight=n_tokens``;
@@ -191,8 +239,8 @@ class AccumulationWindow:
         self.clip_request = None
         self.weight_sum_t = None
         self.bad_weight_t = None
-        self.noise_sums = [0.0, 0.0, 0.0]
-        self._closed_units = 0.0
+        self.reports = [0.0, 0.0, 0.0]
+        self._open_units = 0.0
 
     # ----------------------------------------------------------------- the multiplier
     def scale_and_divisor(self) -> Tuple[float, float]:
@@ -246,7 +294,7 @@ class AccumulationWindow:
         need_norm = (self.scaler is not None or grad_scaler_scale is not None or max_norm is not None
                      or self.measure_norm)
         rep_sq, shard_sq = raw_norm() if need_norm else (0.0, 0.0)
-        noise = list(self.noise_sums) if self.measure_norm else None
+        noise = list(self.noise_totals(scale)) if self.measure_norm else None
         divisor, nonfinite, shard_sq = self.reduce_across_ranks(
             divisor, found_inf or not math.isfinite(rep_sq + shard_sq), shard_sq, live, noise)
         world = dist_world()
@@ -257,7 +305,7 @@ class AccumulationWindow:
         # |G_B|² of the update direction before clipping (a trainer's clip through the
         # GradViews is recorded in deferred_scale, left out here: the noise scale is a
         # property of the gradient, not of the clipped step)
-        self.last_noise = None
+        self.last_noise, self.last_applied = None, None
         if noise is not None and not nonfinite and self.last_weight_total is not None:
             self.last_noise = (*noise, sq / (scale * divisor) ** 2, self.last_weight_total)
         if nonfinite:
@@ -323,56 +371,83 @@ class AccumulationWindow:
             return self.weight_sum
         return self.weight_sum_t + self.weight_sum if self.weight_sum else self.weight_sum_t
 
-    def _device_inputs(self, grad_scaler_scale: Optional[Tensor], found_inf: Optional[Tensor]
-                       ) -> Tuple[Union[float, Tensor], Optional[Tensor], Optional[Tensor]]:
-        """(divisor, GradScaler scale, found-inf flag) for finalize, reduced across ranks on the device."""
+    def _device_tensor(self, x: Optional[Tensor]) -> Optional[Tensor]:
+        return None if x is None else x.reshape(()).to(self.state.device, torch.float32)
+
+    def _device_inputs(self, found_inf: Optional[Tensor], noise: Optional[Tuple[Any, Any, float]] = None
+                       ) -> Tuple[Union[float, Tensor], Optional[Tensor], Optional[Tuple[Any, Any, Any]]]:
+        """(divisor, found-inf flag, noise sums) for finalize, reduced across ranks on the device
+        (the divisor is then an fp64 tensor: :func:`_fp32` makes the kernel's argument)."""
         divisor = self._device_divisor()
         flags = [f for f in (found_inf, self.bad_weight_t) if f is not None]
         flag = None
         if flags:
-            flag = torch.stack([f.reshape(()).to(self.state.device, torch.float32) for f in flags]).sum()
+            flag = torch.stack([self._device_tensor(f) for f in flags]).sum()
         world = dist_world()
         if world is not None:
             size, _ = world
-            # one small all-reduce of (weight sum, found-inf), queued on the device (no sync)
-            t = torch.stack([
-                torch.as_tensor(divisor if self.weighted else 0.0, dtype=torch.float32, device=self.state.device),
-                flag if flag is not None else torch.zeros((), dtype=torch.float32, device=self.state.device),
-            ])
+            # one small all-reduce of (weight sum, found-inf[, the noise scale's sums]), queued
+            # on the device (no sync); float64, so token counts stay exact beyond 2**24
+            parts = [divisor if self.weighted else 0.0, flag if flag is not None else 0.0, *(noise or ())]
+            t = torch.stack([_fp64_on(self.state.device, x) for x in parts])
             torch.distributed.all_reduce(t)
             divisor = t[0] / size if self.weighted else divisor
-            flag = t[1]
-        if grad_scaler_scale is not None:
-            grad_scaler_scale = grad_scaler_scale.reshape(()).to(self.state.device, torch.float32)
-        return divisor, grad_scaler_scale, flag
+            flag = t[1].float()
+            if noise is not None:
+                noise = (t[2], t[3], t[4])
+        return divisor, flag, noise
 
     def finalize_on_device(self, partials: Optional[Tensor], steps: Tensor, step_index: Tensor, *,
                            grad_scaler_scale: Optional[Tensor], found_inf: Optional[Tensor],
-                           max_grad_norm: Optional[float]) -> None:
+                           max_grad_norm: Optional[float], written_scale: float = 1.0) -> None:
         """Compute the multiplier, the skip flag, the norm, the loss scale and the step counts
         into the window's device state (one kernel); ``partials`` are the buckets' sums of
-        squares, None when nothing needs the norm."""
-        divisor, gs, flag = self._device_inputs(grad_scaler_scale, found_inf)
+        squares, None when nothing needs the norm.
+
+        When the noise scale is measured, also queue (no sync) the window's noise sums and
+        ``|G_B|²`` into :attr:`last_noise`, and into :attr:`last_applied` whether finalize let
+        the step through. ``written_scale``: a factor the buffers hold that is not part of the
+        gradient (a trainer's clip through bf16/fp16 ``p.grad`` views, written before the step):
+        ``|G_B|²`` leaves it out, as on the host."""
+        gs = self._device_tensor(grad_scaler_scale)
+        measure = self.measure_norm and partials is not None
+        noise, big_sumsq = None, None
+        if measure:
+            # the scale the losses were multiplied by: read (queued) before finalize updates it
+            scale: Any = self.scaler.scale_tensor() if (self.scaler is not None and self.weighted) else 1.0
+            if gs is not None:
+                scale = scale * gs
+            noise = self.noise_totals(scale)
+        divisor, flag, noise = self._device_inputs(found_inf, noise)
+        if measure:
+            big_sumsq = _div_sq(partials.sum(dtype=torch.float64), scale, divisor, written_scale)
         max_norm = self.clip_request if self.clip_request is not None else max_grad_norm
         self.kernels.finalize(
-            partials, self.state, steps, step_index, weight_divisor=divisor, max_norm=max_norm,
+            partials, self.state, steps, step_index, weight_divisor=_fp32(divisor), max_norm=max_norm,
             grad_scale=gs, found_inf=flag, check_finite=partials is not None,
             dynamic=self.scaler is not None and self.scaler.dynamic, scale_applied=self.weighted,
             **({} if self.scaler is None else dict(growth_factor=self.scaler.growth_factor,
                                                  backoff_factor=self.scaler.backoff_factor,
                                                  growth_interval=self.scaler.growth_interval)),
         )
+        self.last_noise, self.last_applied = None, None
+        if measure:
+            world = dist_world()
+            ref = self.weight_ref if (self.weighted and self.weight_ref is not None) else 1.0
+            self.last_noise = (*noise, big_sumsq, divisor * (world[0] if world else 1) * ref)
+            self.last_applied = self.state[self.kernels.W_SKIP] == 0
 
     def device_grad_norm(self, partials: Tensor) -> Tensor:
         """The unscaled, normalised norm from the buckets' partial sums of squares, on the device."""
-        divisor, _, _ = self._device_inputs(None, None)
+        divisor, _, _ = self._device_inputs(None)
         scale = self.scaler.scale_tensor() if (self.scaler is not None and self.weighted) else 1.0
-        return partials.double().sum().sqrt().float() / (scale * divisor)
+        return partials.double().sum().sqrt().float() / (scale * _fp32(divisor))
 
     def needs_norm(self, grad_scaler_scale: Optional[Any], max_grad_norm: Optional[float]) -> bool:
         """Whether the step needs the norm pass (loss scaling's inf check, or clipping)."""
         max_norm = self.clip_request if self.clip_request is not None else max_grad_norm
-        return self.scaler is not None or grad_scaler_scale is not None or max_norm is not None
+        return (self.scaler is not None or grad_scaler_scale is not None or max_norm is not None
+                or self.measure_norm)
 
     def skipped_on_device(self) -> int:
         return int(self.state[self.kernels.W_SKIPPED]) if self.resident else 0

@@ -101,6 +101,37 @@ def test_fold_refuses_what_it_cannot_read():
         assert torch.equal(buf, before), f"{what}: refused before anything was written"
 
 
+def test_a_fold_runs_the_recorded_launches_first(monkeypatch):
+    """Inside the compiled step's recording (``deferred()``) a fold writes the buffer a recorded
+    sum of squares reads: the recorded launch runs first, as in an eager step (checked when the
+    fold is launched: a raw launch is no aten op the recording could see, on a GPU)."""
+    from fastaccum.backends import triton_kernels as K
+
+    real, pending_at_launch = K._launch, []
+
+    def launch(spec, *a, **kw):
+        if spec.kernel is F._fold_kernel:
+            pending_at_launch.append(len(K._RECORDING.calls))
+        return real(spec, *a, **kw)
+
+    monkeypatch.setattr(K, "_launch", launch)
+
+    sizes = (300, 4097)
+    buf, views = _layout(sizes, 6)
+    params = [torch.zeros(n, device=DEVICE) for n in sizes]
+    offsets = [v.storage_offset() for v in views]
+    table = K.SegmentTable.build(params, offsets, list(sizes), [0, 1], [True, True], [0, 1])
+    src = [torch.ones(n, dtype=torch.bfloat16, device=DEVICE) for n in sizes]
+    expected = torch.stack([v.double().pow(2).sum() for v in views]).sum()
+    partials = torch.full((table.n_tiles,), -1.0, device=DEVICE)
+    with K.deferred() as calls:
+        K.sumsq(table, buf, partials, 0)
+        assert len(calls) == 1
+        F.fold_(src, views, [False, False])
+        assert pending_at_launch == [0] and calls == [], "the recorded sum ran before the fold"
+    torch.testing.assert_close(partials.double().sum(), expected, rtol=1e-6, atol=0)
+
+
 # ------------------------------------------------------------------ through the optimizer
 def odd_model(dtype):
     """GPT-2's 148 tensors plus odd sizes (1, 7, 4097, 3x5) and one parameter without gradients."""
@@ -448,30 +479,44 @@ def test_trainer_clip_and_grad_edits_between_backwards(monkeypatch):
         assert torch.equal(p, q)
 
 
-def test_noise_scale_sums_match(monkeypatch):
-    """track_noise_scale: the batched folds measure each micro-batch as the per-parameter fold."""
+def _with_host_step(model):
+    """The model's parameters plus a non-contiguous one: its bucket runs on the torch backend, so
+    the optimizer's step is host-decided (not the device-resident one)."""
+    odd = nn.Parameter(torch.randn(6, 5, device=DEVICE).t().to(torch.bfloat16))
+    assert not odd.is_contiguous()
+    return groups(model) + [{"params": [odd]}], odd
+
+
+@pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
+@pytest.mark.parametrize("step", ["resident", "host"])
+def test_noise_scale_sums_match(monkeypatch, step):
+    """track_noise_scale: the batched folds measure each micro-batch as the per-parameter fold,
+    on the device-resident step (device sums, never read) and on the host-decided one (one read
+    per micro-batch and bucket)."""
     def run(cap):
         monkeypatch.setenv("FASTACCUM_FOLD_CAP_MB", str(cap))
         model = gpt2_like(dtype=torch.bfloat16)
-        opt = fastaccum.AdamW(groups(model), lr=1e-2, backend="triton", accumulation_steps=3,
-                              track_noise_scale=True)
-        sums = []
+        params, extra = (groups(model), None) if step == "resident" else _with_host_step(model)
+        opt = fastaccum.AdamW(params, lr=1e-2, backend="triton", accumulation_steps=3, track_noise_scale=True)
+        assert (opt._resident is not None) == (step == "resident")
+        reports = []
         for k in range(3):
-            opt.backward(fake_loss(model, k), weight=2.0 + k)
+            loss = fake_loss(model, k) + (0 if extra is None else (extra.float() * (k + 1)).sum())
+            opt.backward(loss, weight=2.0 + k)
             if k < 2:
                 opt.step()
-                sums.append(list(opt._window.noise_sums))
+                reports.append([float(x) for x in opt._window.reports])
         opt.step()
-        return opt, sums
+        return opt, reports
 
-    oa, sa = run(0)
-    ob, sb = run(32)
+    oa, ra = run(0)
+    ob, rb = run(32)
     assert ob._buckets[0].folds is not None and oa._buckets[0].folds is None
-    assert sb[-1][2] == 2.0, "both micro-batches reported"
-    for x, y in zip(sa, sb):
+    assert rb[-1][2] == 2.0, "both micro-batches reported"
+    for x, y in zip(ra, rb):
         assert x[1:] == y[1:]
         assert x[0] == pytest.approx(y[0], rel=1e-5)
-    assert oa._noise.windows == ob._noise.windows
+    assert oa._noise.windows == ob._noise.windows == 1
 
 
 # ------------------------------------------------------------------ where it is off
@@ -493,14 +538,14 @@ def test_off_where_the_per_parameter_fold_stays(monkeypatch):
 def test_copy_of_an_optimizer_mid_window(monkeypatch):
     """deepcopy and state_dict right after a backward that raised (gradients still waiting): the
     copies hold those gradients too, and all step as the per-parameter fold. (The host-decided
-    step, track_noise_scale: the device-resident step's objects are not deep-copyable.)"""
+    step: the device-resident step's objects are not deep-copyable.)"""
     import copy
 
     def run(cap):
         monkeypatch.setenv("FASTACCUM_FOLD_CAP_MB", str(cap))
         model = gpt2_like(dtype=torch.bfloat16)
-        kw = dict(lr=1e-2, backend="triton", accumulation_steps=3, track_noise_scale=True)
-        opt = fastaccum.AdamW(groups(model), **kw)
+        kw = dict(lr=1e-2, backend="triton", accumulation_steps=3)
+        opt = fastaccum.AdamW(_with_host_step(model)[0], **kw)
         opt.backward(fake_loss(model, 0))
         opt.step()
         with pytest.raises(RuntimeError, match="backward failed"):
@@ -512,7 +557,7 @@ def test_copy_of_an_optimizer_mid_window(monkeypatch):
             assert not opt._buckets[0].folds.entries and not clone[1]._buckets[0].folds.entries
             assert clone[1]._buckets[0].folds is not opt._buckets[0].folds
         model2 = copy.deepcopy(model)
-        opt2 = fastaccum.AdamW(groups(model2), **kw)
+        opt2 = fastaccum.AdamW(_with_host_step(model2)[0], **kw)
         opt2.load_state_dict(opt.state_dict())
         for m, o in ((model, opt), (model2, opt2), clone):
             o.step()  # counts the micro-batch that failed (its gradients are in)

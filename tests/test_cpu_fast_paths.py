@@ -188,3 +188,101 @@ def test_segments_and_kernel_layout_are_reused_and_rechecked():
     assert id(opt._segs_cache[id(opt._buckets[0])][2]) != seen[-1]
     for p, q in zip(ps, tp):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_steady_step_counts_steps_in_the_kernel():
+    """From the second step on, a whole-bucket step hands the bucket's step-count tensor to
+    the kernel job, which adds one after the update: the step reads no count out and runs
+    no separate increment. The only aten op left is the copy that restores the counts when
+    a kernel fails (see _update)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    ps = make()
+    tp = twin(ps)
+    opt = fastaccum.AdamW(ps, lr=1e-2, backend="cpu")
+    ref = torch.optim.AdamW(tp, lr=1e-2)
+    gen = torch.Generator().manual_seed(5)
+    for k in range(5):
+        gs = [torch.randn(p.shape, generator=gen) for p in ps]
+        simulated_loss(ps, gs).backward()
+        simulated_loss(tp, gs).backward()
+        with Ops() as ops:
+            opt.step()
+        ref.step()
+        opt.zero_grad(), ref.zero_grad()
+        if k >= 1:
+            assert ops.seen == [torch.ops.aten.clone.default], ops.seen
+        for i, (p, q) in enumerate(zip(ps, tp)):
+            assert float(opt.state[p]["step"]) == float(ref.state[q]["step"]) == k + 1
+            assert opt.state[p]["step"].data_ptr() == opt._buckets[0].steps[i].data_ptr()
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # a count set by hand is where the kernel reads it from
+    for p in ps:
+        opt.state[p]["step"].fill_(100.0)
+    for q in tp:
+        ref.state[q]["step"].fill_(100.0)
+    gs = [torch.randn(p.shape, generator=gen) for p in ps]
+    simulated_loss(ps, gs).backward()
+    simulated_loss(tp, gs).backward()
+    opt.step(), ref.step()
+    for p, q in zip(ps, tp):
+        assert float(opt.state[p]["step"]) == 101.0
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_counted_steps_with_a_segment_the_kernels_do_not_take():
+    """A non-contiguous parameter goes to the torch backend: the counts are still added once."""
+    g = torch.Generator().manual_seed(6)
+    ps = [torch.randn(5, 3, generator=g).t().requires_grad_()] + make()
+    tp = twin(ps)
+    assert not ps[0].is_contiguous() and not tp[0].is_contiguous()
+    opt = fastaccum.AdamW(ps, lr=1e-2, backend="cpu")
+    ref = torch.optim.AdamW(tp, lr=1e-2)
+    for k in range(4):
+        gs = [torch.randn(p.shape, generator=g) for p in ps]
+        simulated_loss(ps, gs).backward()
+        simulated_loss(tp, gs).backward()
+        opt.step(), ref.step()
+        opt.zero_grad(), ref.zero_grad()
+    for p, q in zip(ps, tp):
+        assert float(opt.state[p]["step"]) == 4.0
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_assigned_grads_run_through_the_laid_out_job():
+    """Steps with user-assigned gradients reuse the bucket's segments and kernel layout (the
+    gradients' addresses are passed for that call only): alternating them with autograd
+    steps, and changing the assigned tensors, stays equal to torch.optim.AdamW."""
+    ps = make()
+    tp = twin(ps)
+    opt = fastaccum.AdamW(ps, lr=1e-2, backend="cpu")
+    ref = torch.optim.AdamW(tp, lr=1e-2)
+    gen = torch.Generator().manual_seed(7)
+    seen = set()
+    for k in range(8):
+        gs = [torch.randn(p.shape, generator=gen) for p in ps]
+        if k % 3 == 1:  # autograd's gradients, into the buffer
+            simulated_loss(ps, gs).backward()
+        else:  # new user tensors each time, read in place
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+        for q, g in zip(tp, gs):
+            q.grad = g.clone()
+        opt.step(), ref.step()
+        opt.zero_grad(), ref.zero_grad()
+        if k >= 1:
+            seen.add(id(opt._segs_cache[id(opt._buckets[0])][2]))
+        for p, q in zip(ps, tp):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert len(seen) == 1
+    segs = opt._segs_cache[id(opt._buckets[0])][2]
+    assert segs.grads is opt._segs_cache[id(opt._buckets[0])][3]  # its own gradients again afterwards

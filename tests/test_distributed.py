@@ -27,10 +27,12 @@ def _data(rank, step):
 
 def _finish():
     # Every rank is done (rank 0's result file is written and closed) before any tears
-    # gloo down. Then leave without running C++ static destructors: torch's c10d teardown at
-    # process exit occasionally aborts ("terminate called without an active exception",
-    # no Python frame left; about 1 run in 15 here), which would fail a test whose results
-    # are already on disk.
+    # gloo down. Then leave without the interpreter's shutdown: a gloo worker thread that
+    # frees a finished collective's tensors after Python started shutting down cannot take
+    # the GIL and aborts the process ("terminate called without an active exception"; about
+    # 1 run in 15 here), which would fail a test whose results are already on disk. (DDP
+    # keeps the process group alive here, so destroy_process_group cannot join those threads
+    # first, as examples/ddp.py does.)
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
@@ -98,3 +100,47 @@ def test_ranks_skip_together(tmp_path):
     got = torch.load(out)
     assert got["skipped"] == 1 and got["scale"] == 2.0**15
     torch.testing.assert_close(got["p"], torch.full((3,), 1.0 - 2 * 0.1))
+
+
+def _noise_worker(rank, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    got = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(OddNet(), find_unused_parameters=True)
+        opt = fastaccum.AdamW(model.parameters(), lr=0.01, accumulation_steps=len(LENGTHS[rank]), backend=backend,
+                              track_noise_scale=True, loss_scale="dynamic")
+        for step in range(5):
+            for k, x in enumerate(_data(rank, step)):
+                ctx = model.no_sync() if not opt.sync_gradients else torch.enable_grad()
+                with ctx:
+                    loss = model(x).mean()
+                    if (rank, step, k) == (1, 2, 1):  # one rank overflows: every rank skips, uncounted
+                        loss = loss * float("inf")
+                    opt.backward(loss, weight=x.shape[1])
+                opt.step()
+                opt.zero_grad()
+        est = opt.noise_scale_estimator
+        got[backend] = dict(resident=opt._resident is not None, skipped=opt.skipped_steps, windows=est.windows,
+                            unestimable=est.unestimable_windows, value=est.value, g2=est.g2, trace=est.trace)
+    if rank == 0:
+        torch.save(got, out_file)
+    _finish()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_noise_scale_across_ranks_on_the_resident_step(tmp_path):
+    """The device-resident step sums the ranks' noise-scale reports in its one device all-reduce
+    (with the weight sum and the found-inf flag): the same estimate as the host-decided step's
+    fp64 all-reduce, ranks with different token counts, a window skipped on one rank's inf."""
+    if "triton" not in fastaccum.available_backends():
+        pytest.skip("triton backend not available")
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_noise_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    host, resident = torch.load(out)["torch"], torch.load(out)["triton"]
+    assert resident["resident"] and not host["resident"]
+    for key in ("skipped", "windows", "unestimable"):
+        assert resident[key] == host[key], key
+    assert host["skipped"] == 1 and host["windows"] == 4 and host["value"] > 0
+    for key in ("value", "g2", "trace"):
+        assert resident[key] == pytest.approx(host[key], rel=2e-6), key

@@ -26,3 +26,9 @@ def test_batch_size_study_quick():
     assert rows[0].split("|")[6].strip() == "n/a" and "not_enough_data" in rows[0]
     assert rows[2].split("|")[6].strip() != "n/a"  # measured with accumulation 16
     assert "- accumulation 16: " in out
+    # each estimate with the training loss it was measured at: fewer updates end higher
+    assert rows[0].split("|")[7].strip() == "n/a"
+    at4, at16 = float(rows[1].split("|")[7]), float(rows[2].split("|")[7])
+    assert 0 < at4 < at16 < 6.0
+    # and the run that got lower, read where the other one ended
+    assert f"- at training loss {at16:.4f}, where accumulation 16 ended measuring " in out

@@ -75,6 +75,30 @@ def test_fp32_first_micro_only_matches_hand_estimator():
     assert opt.stats()["grad_norm"] == pytest.approx(float(gb.norm()), rel=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_grad_scaler_scale_is_undone_in_the_micro_batch_norms_too(backend):
+    """GradScaler's scale (handed to step() as grad_scale) multiplies every micro-batch's
+    gradient: the micro-batch reports are unscaled by it as |G_B|² is, so the estimate does
+    not depend on it (host-decided and device-resident step alike)."""
+    if backend not in fastaccum.available_backends():
+        pytest.skip(f"{backend} backend not available")
+    values = []
+    for gs in (None, 64.0):
+        gen = torch.Generator().manual_seed(2)
+        G = torch.randn(D, generator=gen)
+        theta = torch.nn.Parameter(torch.zeros(D, dtype=torch.bfloat16))  # bf16: every fold reports
+        opt = fastaccum.SGD([theta], lr=0.0, accumulation_steps=3, backend=backend, track_noise_scale=True)
+        for _ in range(6):
+            for b in (5, 7, 11):
+                x = G + math.sqrt(SIGMA2) * torch.randn(b, D, generator=gen)
+                loss = (theta.float() * x.to(torch.bfloat16).float()).sum(-1).mean()
+                opt.backward(loss * (gs or 1.0), weight=b)
+                opt.step(grad_scale=None if gs is None else torch.tensor(gs))
+        assert opt.noise_scale_estimator.windows == 6
+        values.append(opt.noise_scale_estimator.value)
+    assert values[0] > 0 and values[1] == pytest.approx(values[0], rel=1e-9)
+
+
 def test_skipped_windows_are_not_fed():
     theta = torch.nn.Parameter(torch.zeros(8))
     opt = fastaccum.AdamW([theta], accumulation_steps=2, backend="torch", track_noise_scale=True,

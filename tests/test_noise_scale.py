@@ -178,6 +178,42 @@ def test_tensor_inputs_are_lazy_and_equal_float_inputs():
     assert tensors.value == pytest.approx(floats.value, rel=1e-6)
 
 
+def test_decisions_on_the_device_equal_host_decisions():
+    """The device-resident optimizer's form: weights and counts as tensors, and an ``applied``
+    mask for windows whose step the device skipped. Same estimate and counts as passing only
+    the applied windows with host numbers -- skipped windows count neither as estimable nor as
+    left out, even when they are not solvable -- and nothing is read back while feeding."""
+    world = World(11)
+    host, dev, mixed = NoiseScaleEstimator(), NoiseScaleEstimator(), NoiseScaleEstimator()
+    mode = CountSyncs()
+    unsolvable = 0
+    for w in range(60):
+        sizes = [[5.0, 11.0, 16.0], [7.0], [3.0, 9.0], [4.0, 4.0, 4.0, 4.0]][w % 4]
+        s, S, B = world.window(sizes)
+        reports = [0] if w % 5 else []  # some windows report nothing: left out
+        s1 = sum(sizes[i] * s[i] for i in reports)
+        w_r, k = sum(sizes[i] for i in reports), float(len(reports))
+        if w % 13 == 6:
+            S = math.inf  # an overflowed norm: masked, counted nowhere
+        applied = w % 7 != 3
+        if applied:
+            host.update_from_sums(s1, w_r, k, S, B)
+            unsolvable += len(sizes) == 1 or not reports
+        t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+        with mode:
+            out = dev.update_from_sums(t(s1), t(w_r), t(k), t(S), t(B), applied=torch.tensor(applied))
+            mixed.update_from_sums(t(s1), w_r, k, t(S), B, applied=torch.tensor(applied))
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.bool
+    assert mode.syncs == 0
+    assert host.unestimable_windows == unsolvable > 0
+    for est in (dev, mixed):
+        assert est.windows == host.windows and est.unestimable_windows == host.unestimable_windows
+        assert est.value == pytest.approx(host.value, rel=1e-12)
+        assert est.state_dict() == pytest.approx(host.state_dict(), rel=1e-12)
+    with pytest.raises(ValueError, match="applied"):
+        dev.update_from_sums(1.0, 1.0, 1.0, 1.0, 2.0, applied=torch.tensor(1.0))
+
+
 def test_state_dict_round_trip():
     est = run(even, windows=20)
     other = NoiseScaleEstimator(ema=0.5)

@@ -127,15 +127,17 @@ def _no_host_reads(monkeypatch):
     monkeypatch.undo()
 
 
+@pytest.mark.parametrize("track_noise_scale", [False, True], ids=["plain", "noise-scale"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_window_reads_no_device_value(monkeypatch, dtype):
+def test_a_window_reads_no_device_value(monkeypatch, dtype, track_noise_scale):
     """The whole window (backward with a tensor weight, dynamic loss scale, clipping, tensor lr,
-    step, zero_grad) reads nothing back. Under the interpreter the kernels themselves go through
+    step, zero_grad; with the noise scale: its per-micro-batch norms and the estimator's
+    update) reads nothing back. Under the interpreter the kernels themselves go through
     numpy, which this does not see; the optimizer's own Python is what is checked."""
     model = gpt2_like(dtype=dtype)
     lr = torch.tensor(1e-3, device=DEVICE)
     opt = fastaccum.AdamW(groups(model), lr=lr, backend="triton", accumulation_steps=2, max_grad_norm=1.0,
-                          loss_scale="dynamic")
+                          loss_scale="dynamic", track_noise_scale=track_noise_scale)
     for k in range(2):  # the first step allocates state
         opt.backward(fake_loss(model, k), weight=torch.tensor(4.0, device=DEVICE))
         opt.step()
@@ -151,6 +153,48 @@ def test_a_window_reads_no_device_value(monkeypatch, dtype):
     assert dispatched == [] and called == [], (dispatched, called)
     assert isinstance(norm, torch.Tensor)
     assert opt.skipped_steps == 0 and opt.loss_scale == 2.0**16  # lazy reads, after the fact
+    if track_noise_scale:  # both windows were fed (read now: the one sync asked for)
+        est = opt.noise_scale_estimator
+        assert est.windows == 2 and est.unestimable_windows == 0 and opt.stats()["noise_windows"] == 2
+
+
+@pytest.mark.parametrize("master_weights", [True, False])
+def test_stochastic_rounding_steps_repeat_their_arguments_and_read_nothing(monkeypatch, master_weights):
+    """bf16 moments (and bf16 parameters without masters): rounded stochastically. A resident
+    step launches its kernels with the same arguments every step (so a captured CUDA graph's
+    replays match eager steps) and reads no host value; the noise still changes from step to
+    step, counted on the device (tests/test_triton_kernels.py checks that at the kernel)."""
+    from fastaccum.backends import triton_kernels as K
+
+    model = gpt2_like(dtype=torch.bfloat16)
+    opt = fastaccum.AdamW(groups(model), lr=1e-3, backend="triton", state_dtype=torch.bfloat16,
+                          master_weights=master_weights, accumulation_steps=2, capturable=True)
+    launches = []
+    real = K._launch
+
+    def recording(spec, grid, *args, **kw):
+        if spec.kernel.fn.__name__ == "_adam_kernel":
+            launches.append(tuple(a for a in args if not isinstance(a, torch.Tensor)))
+        return real(spec, grid, *args, **kw)
+
+    def window(seed):
+        for k in range(2):
+            opt.backward(fake_loss(model, seed + k))
+            opt.step()
+            opt.zero_grad()
+
+    window(0)  # allocates the state
+    monkeypatch.setattr(K, "_launch", recording)
+    exp_avg = [opt.state[p]["exp_avg"].clone() for p in model]
+    window(10)
+    with _no_host_reads(monkeypatch) as (dispatched, called):
+        window(20)
+    assert dispatched == [] and called == [], (dispatched, called)
+    buckets = len(opt._buckets)
+    assert len(launches) == 2 * buckets
+    assert launches[:buckets] == launches[buckets:], "a step's kernel arguments changed"
+    assert all(args[-1] != 0 for args in launches), "stochastic rounding without a seed"
+    assert any(not torch.equal(opt.state[p]["exp_avg"], m) for p, m in zip(model, exp_avg))
 
 
 def test_non_contiguous_parameter_goes_to_a_torch_bucket():
@@ -241,3 +285,124 @@ def test_cuda_graph_replays_the_step(dtype):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, **tol)
+
+
+# ---------------------------------------------------------------- the noise scale on the device
+def signal_loss(model: nn.Module, seed: int) -> torch.Tensor:
+    """A loss whose gradient is a fixed signal plus fresh noise per micro-batch (so that both
+    |G|² and tr(Σ) are resolved and the noise scale is a finite positive number)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.Generator().manual_seed(12345)
+    return sum((p.float() * (torch.randn(p.shape, generator=s) + 0.8 * torch.randn(p.shape, generator=g)).to(DEVICE))
+               .sum() for p in model)
+
+
+def noise_run(backend: str, dtype, *, windows: int = 5, accum: int = 3, inf_at=(2, 1), tensor_weight=False, **kw):
+    model = gpt2_like(n_layer=2, dtype=dtype)
+    opt = fastaccum.AdamW(groups(model), lr=1e-2, backend=backend, accumulation_steps=accum,
+                          track_noise_scale=True, **kw)
+    for w in range(windows):
+        for k in range(accum):
+            loss = signal_loss(model, seed=100 * w + k)
+            if (w, k) == inf_at:
+                loss = loss * float("inf")
+            weight = (3.0, 8.0, 5.0, 2.0)[(w + k) % 4]  # uneven, and not the same in every window
+            opt.backward(loss, weight=torch.tensor(weight, device=DEVICE) if tensor_weight else weight)
+            opt.step()
+            opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("tensor_weight", [False, True], ids=["float-weights", "tensor-weights"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resident_noise_scale_equals_the_host_decided_one(dtype, tensor_weight):
+    """track_noise_scale=True now keeps the triton step on the device, and its estimate is the
+    host-decided step's (torch backend): same windows (the inf window skipped and not counted),
+    same formula; fp32 micro-batches report once per window, bf16 ones at every fold."""
+    kw = dict(loss_scale="dynamic", max_grad_norm=0.5, tensor_weight=tensor_weight)
+    a, b = noise_run("triton", dtype, **kw), noise_run("torch", dtype, **kw)
+    assert a._resident is not None and b._resident is None
+    assert a.skipped_steps == b.skipped_steps == 1
+    ea, eb = a.noise_scale_estimator, b.noise_scale_estimator
+    assert ea.windows == eb.windows == 4 and ea.unestimable_windows == eb.unestimable_windows == 0
+    assert eb.value is not None and eb.value > 0
+    # fp32 norms summed in another order (the bucket partials, the triton norm of each fold)
+    for name in ("value", "g2", "trace"):
+        assert getattr(ea, name) == pytest.approx(getattr(eb, name), rel=2e-6), name
+    assert a.stats()["noise_scale"] == pytest.approx(b.stats()["noise_scale"], rel=2e-6)
+    assert a._window.last_noise[2] == b._window.last_noise[2] == (1 if dtype == torch.float32 else 3)
+
+
+def test_resident_unestimable_windows_skip_the_skipped_one():
+    """Without accumulation no window is estimable (one batch size): each applied window counts
+    as left out, the skipped one does not -- decided on the device, equal to the host's count."""
+    a = noise_run("triton", torch.float32, windows=4, accum=1, inf_at=(1, 0), loss_scale="dynamic")
+    b = noise_run("torch", torch.float32, windows=4, accum=1, inf_at=(1, 0), loss_scale="dynamic")
+    assert a._resident is not None and b._resident is None
+    assert a.skipped_steps == b.skipped_steps == 1
+    assert a.noise_scale_estimator.windows == b.noise_scale_estimator.windows == 0
+    assert a.noise_scale_estimator.unestimable_windows == b.noise_scale_estimator.unestimable_windows == 3
+
+
+class _CountOps(TorchDispatchMode):
+    """aten ops that compute (views left out): on a GPU, each is a kernel launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# aten ops the noise scale adds to a window's last step() (its sums, |G_B|², the estimator's
+# device update; 28 with torch 2.13, host weights, dynamic loss scale and clipping): a
+# constant, whatever the number of tensors and buckets, queued without a sync
+NOISE_OPS_PER_WINDOW = 32
+
+
+def _last_step_ops(request, n_layer: int, track: bool):
+    model = gpt2_like(n_layer=n_layer)
+    opt = fastaccum.AdamW(groups(model), lr=1e-3, backend="triton", accumulation_steps=2, max_grad_norm=1.0,
+                          loss_scale="dynamic", track_noise_scale=track)
+    assert opt._resident is not None
+    for k in range(2):  # first window: state allocation happens here
+        opt.backward(fake_loss(model, k), weight=3.0)
+        opt.step()
+    names = request.getfixturevalue("triton_launches")
+    names.clear()
+    opt.backward(fake_loss(model, 5), weight=4.0)
+    first = _CountOps()
+    with first:
+        opt.step()
+    assert names == [], "a micro-step inside the window launches no bucket kernel"
+    opt.backward(fake_loss(model, 6), weight=5.0)
+    last = _CountOps()
+    with last:
+        opt.step()
+    return len(opt._buckets), list(names), first.ops, last.ops
+
+
+def test_noise_scale_adds_no_bucket_launch_and_a_constant_of_small_ops(request):
+    for n_layer in (2, 12):
+        buckets, names, first, last = _last_step_ops(request, n_layer, track=True)
+        _, plain_names, plain_first, plain_last = _last_step_ops(request, n_layer, track=False)
+        assert buckets == 2
+        # sumsq per bucket, one finalize, one update per bucket: the target, unchanged
+        assert names == plain_names and len(names) == 2 * buckets + 1, names
+        assert names.count("_finalize_kernel") == 1
+        # a micro-batch's close: its norm summed over the buckets that measured it, per unit of weight
+        assert len(first) - len(plain_first) <= buckets, first
+        extra = len(last) - len(plain_last)
+        assert 0 < extra <= NOISE_OPS_PER_WINDOW, (extra, last)
+        if n_layer == 2:
+            extra_small = extra
+    assert extra == extra_small, "the noise scale's ops do not grow with the number of tensors"
+
+
+def test_capturable_refuses_the_noise_scale():
+    p = nn.Parameter(torch.randn(5, device=DEVICE))
+    with pytest.raises(ValueError, match="capturable=True .* noise scale"):
+        fastaccum.AdamW([p], backend="triton", capturable=True, track_noise_scale=True)

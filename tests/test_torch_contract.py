@@ -13,6 +13,7 @@ import io
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import fastaccum
 
@@ -270,6 +271,34 @@ def test_adamw_checkpoint_of_older_torch_without_decoupled_key():
 
 
 # ------------------------------------------------------------------ hooks
+def test_global_step_hooks_and_a_hook_that_replaces_the_arguments():
+    m = _model()
+    opt = fastaccum.AdamW(m.parameters(), lr=0.01)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("gpre")),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append("gpost"))]
+    try:
+        _train(m, opt, 1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == ["gpre", "pre", "post", "gpost"]
+    closures = []
+    opt.register_step_pre_hook(lambda o, a, k: ((a[0], lambda: closures.append(1)), k))
+    _train(m, opt, 1)
+    assert closures == [1]
+
+
+def test_step_is_labelled_for_the_profiler():
+    m = _model()
+    opt = fastaccum.AdamW(m.parameters(), lr=0.01)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _train(m, opt, 1)
+    assert "Optimizer.step#AdamW.step" in {e.name for e in prof.events()}
+
+
 def test_step_and_state_dict_hooks():
     m = _model()
     opt = fastaccum.AdamW(m.parameters(), lr=0.01)

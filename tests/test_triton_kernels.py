@@ -4,6 +4,7 @@ GPU is present.
 
 fp32: assert_close(rtol=1e-5, atol=1e-6); bf16/fp16: error against an fp64 reference at most
 2x the torch backend's error in the same dtype."""
+import contextlib
 import copy
 import math
 import struct
@@ -402,6 +403,59 @@ def test_bf16_rounding_keeps_nan_and_inf(stochastic):
         assert torch.signbit(out[k + 3]) and out[k + 4] == 1.0
 
 
+# ------------------------------------------------------------------ stochastic rounding under replay
+def _bf16_spacing(x):
+    """The distance between the two bf16 values around each fp32 value of ``x``."""
+    e = torch.frexp(x.double())[1]
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float64), e - 8)
+
+
+def test_stochastic_rounding_noise_follows_the_device_step_count(monkeypatch):
+    """A captured CUDA graph replays its kernels' arguments, the seed included: the noise must
+    change with something the device advances. Two steps with identical inputs and identical
+    arguments round bf16 moments differently (finalize advanced the step count in between),
+    each to one of the two bf16 neighbours of the exact fp32 value; the step count set back on
+    the device gives back the first step's bits. The second step reads no host value."""
+    sizes = (4097, 33)
+    a = Bucket(sizes, torch.float32, torch.bfloat16, seed=4)  # fp32 params, bf16 moments: rounded stochastically
+    _fill_grads(a, 0, [True, True], scale=1.0)
+    start = a.clone()
+    steps = torch.zeros(len(sizes), device=DEVICE)
+    window = K.new_window_state(DEVICE)
+    table = K.SegmentTable.build(a.params, a.offsets, a.numels, [0, 1], [True, True], [0, 1])
+    idx = K.step_index_for([table], DEVICE)
+    hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, seed=11)
+
+    def step():  # the same inputs every time: only the device step count moves
+        a.m.copy_(start.m), a.v.copy_(start.v)
+        for p, q in zip(a.params, start.params):
+            p.copy_(q)
+        K.finalize(None, window, steps, idx, check_finite=False)
+        K.adam_(table, a.grad, a.m, a.v, None, None, steps, window, **hp)
+        return a.m.clone(), a.v.clone()
+
+    m1, v1 = step()
+    with _host_reads(monkeypatch) as seen:
+        m2, v2 = step()
+    assert seen == [], seen
+    assert steps.tolist() == [2.0, 2.0]
+    # the moments do not depend on the step count: the same exact fp32 values, rounded twice
+    g = a.grad.double()
+    m_exact = start.m.double() + float(torch.tensor(1 - 0.9, dtype=torch.float32)) * (g - start.m.double())
+    v_exact = start.v.double() * 0.999 + float(torch.tensor(1 - 0.999, dtype=torch.float32)) * g * g
+    live = torch.cat([torch.arange(o, o + n) for o, n in zip(a.offsets, sizes)]).to(DEVICE)
+    for got1, got2, exact in ((m1, m2, m_exact), (v1, v2, v_exact)):
+        x1, x2, ex = got1[live].double(), got2[live].double(), exact[live]
+        tol = _bf16_spacing(ex.float()) * 1.001
+        assert ((x1 - ex).abs() <= tol).all() and ((x2 - ex).abs() <= tol).all()
+        differ = (x1 != x2).double().mean().item()
+        # independent draws differ for about a third of the elements (2f(1-f) averaged over f)
+        assert 0.2 < differ < 0.5, differ
+    steps.zero_()  # set back on the device: the first step's noise again
+    m3, v3 = step()
+    assert torch.equal(m3, m1) and torch.equal(v3, v1)
+
+
 # ------------------------------------------------------------------ tables
 def test_table_refuses_non_contiguous_and_misaligned():
     p = torch.randn(4, 6, device=DEVICE).t()
@@ -470,19 +524,12 @@ def test_launch_count_148_tensors_two_buckets(request):
     assert steps.tolist() == [1.0] * 148
 
 
-def test_no_host_sync_in_a_step(monkeypatch):
-    """Nothing in sumsq/finalize/update reads a device value on the host: no
-    aten._local_scalar_dense (what .item()/bool()/float() of a tensor dispatch to) and no direct
-    Tensor.item/tolist/__bool__/__float__/__int__ calls from our code.
-
-    Under the interpreter the kernels themselves run on the host, and the interpreter converts
-    tensors to numpy (not through these entry points), so what this covers is the launch code:
-    the Python between and around the kernels. On CUDA the same step also runs under
-    torch.cuda.set_sync_debug_mode('error')."""
+@contextlib.contextmanager
+def _host_reads(monkeypatch):
+    """What reads a tensor's value on the host inside the block: aten._local_scalar_dense (what
+    .item()/bool()/float() dispatch to) and direct Tensor.item/tolist/__bool__/__float__/__int__."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    buckets, tables, bs, steps = _prepared()
-    _one_bucket_step(buckets, bs, steps, tables)  # compile / warm up outside the checks
     seen = []
 
     class Record(TorchDispatchMode):
@@ -498,9 +545,26 @@ def test_no_host_sync_in_a_step(monkeypatch):
             seen.append(_name)
             return _orig(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, name, spy)
-    with Record():
+    try:
+        with Record():
+            yield seen
+    finally:
+        monkeypatch.undo()
+
+
+def test_no_host_sync_in_a_step(monkeypatch):
+    """Nothing in sumsq/finalize/update reads a device value on the host: no
+    aten._local_scalar_dense (what .item()/bool()/float() of a tensor dispatch to) and no direct
+    Tensor.item/tolist/__bool__/__float__/__int__ calls from our code.
+
+    Under the interpreter the kernels themselves run on the host, and the interpreter converts
+    tensors to numpy (not through these entry points), so what this covers is the launch code:
+    the Python between and around the kernels. On CUDA the same step also runs under
+    torch.cuda.set_sync_debug_mode('error')."""
+    buckets, tables, bs, steps = _prepared()
+    _one_bucket_step(buckets, bs, steps, tables)  # compile / warm up outside the checks
+    with _host_reads(monkeypatch) as seen:
         _one_bucket_step(buckets, bs, steps, tables)
-    monkeypatch.undo()
     assert seen == [], seen
     if DEVICE == "cuda":
         torch.cuda.synchronize()
@@ -514,19 +578,105 @@ def test_no_host_sync_in_a_step(monkeypatch):
 
 # ------------------------------------------------------------------ torch.library ops
 def test_custom_ops_opcheck():
-    """sumsq and finalize pass every opcheck (schema, fake tensors, AOT dispatch). The update op
-    passes schema and fake-tensor checks only: it reaches the parameters through the table's
-    addresses, so functionalisation (which would hand it clones) cannot be honoured; under
-    torch.compile it must run on the real tensors (the caller keeps the step out of
-    functionalised graphs, or rebuilds the table from the tensors it is given)."""
+    """Every op passes every opcheck: schema (it mutates exactly what it declares), fake tensors,
+    and AOT dispatch, where the ops are functionalised: the update ops are then handed copies of
+    the parameters and of the state and must write those, not the tensors the table was built
+    for (the copies are what is copied back)."""
+    from torch.library import opcheck
+
     K.register_ops()
-    ps = [torch.randn(5, device=DEVICE), torch.randn(40, device=DEVICE)]
+    ops = torch.ops.fastaccum
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(5, generator=g).to(DEVICE), torch.randn(40, generator=g).to(DEVICE)]
     t = K.SegmentTable.build(ps, [0, 16], [5, 40], [0, 1], [True, True], [0, 1])
-    grad, parts = torch.randn(64, device=DEVICE), torch.zeros(t.n_tiles, device=DEVICE)
-    torch.library.opcheck(torch.ops.fastaccum.bucket_sumsq, (t.segs, t.tiles, grad, parts, 0))
+    assert t.params == ps and t.addresses == [p.data_ptr() for p in ps]
+    untouched = [p.clone() for p in ps]  # opcheck runs the ops on copies of their arguments
+    grad, parts = torch.randn(64, generator=g).to(DEVICE), torch.zeros(t.n_tiles, device=DEVICE)
+    opcheck(ops.bucket_sumsq, (t.segs, t.tiles, grad, parts, 0))
     w, steps, idx = K.new_window_state(DEVICE), torch.zeros(2, device=DEVICE), torch.tensor([0, 1], device=DEVICE)
-    torch.library.opcheck(torch.ops.fastaccum.finalize, (parts, w, steps, idx, 2.0, 1.0, True, False, 2.0, 0.5, 2000))
-    m, v = torch.zeros(64, device=DEVICE), torch.zeros(64, device=DEVICE)
-    torch.library.opcheck(torch.ops.fastaccum.bucket_adam,
-                          (ps, t.segs, t.tiles, grad, m, v, None, None, steps, w, 1e-3, 0.9, 0.999, 1e-8, 0.0, True,
-                           False, 1), test_utils=("test_schema", "test_faketensor"))
+    opcheck(ops.finalize, (parts, w, steps, idx, 2.0, 1.0, True, False, 2.0, 0.5, 2000))
+    one = lambda x: torch.tensor([x], device=DEVICE)  # noqa: E731
+    opcheck(ops.finalize, (None, w, steps, idx, 1.0, 0.0, False, True, 2.0, 0.5, 2000, one(4.0), one(0.0), one(3.0),
+                           False))
+    steps.fill_(3.0)
+    flat = lambda dt=torch.float32: (torch.rand(64, generator=g) * 0.01).to(dt).to(DEVICE)  # noqa: E731
+    opcheck(ops.bucket_adam, (ps, t.addresses, t.segs, t.tiles, grad, flat(), flat(), None, None, steps, w, 1e-3,
+                              None, 0.9, 0.999, 1e-8, 0.1, True, False, 1))
+    opcheck(ops.bucket_adam, (ps, t.addresses, t.segs, t.tiles, grad, flat(torch.bfloat16), flat(torch.bfloat16),
+                              flat(torch.bfloat16), None, steps, w, 0.0, one(1e-3), 0.9, 0.999, 1e-8, 0.0, False, True,
+                              7))
+    opcheck(ops.bucket_sgd, (ps, t.addresses, t.segs, t.tiles, grad, flat(), None, steps, w, 1e-2, None, 0.9, 0.1,
+                             0.01, False, True, 3))
+    lp = [p.to(torch.bfloat16) for p in ps]  # bf16 parameters with fp32 masters
+    tb = K.SegmentTable.build(lp, [0, 16], [5, 40], [0, 1], [True, True], [0, 1])
+    opcheck(ops.bucket_sgd, (lp, tb.addresses, tb.segs, tb.tiles, grad, None, flat(), steps, w, 1e-2, None, 0.0,
+                             0.0, 0.0, False, False, 3))
+    # the copies were written, not the tensors the tables were built for (opcheck compares the
+    # copies of its eager and AOT runs: had both written the originals, it would see no change)
+    assert all(torch.equal(p, q) for p, q in zip(ps, untouched))
+
+
+def test_deferred_launches_run_before_anything_touches_their_memory():
+    """Inside ``deferred()`` launches are recorded, not run; an aten op on memory a recorded
+    launch reads or writes (here: reading the partial sums) first runs the launches recorded so
+    far; what nothing touched stays recorded, and ``replay()`` runs it as the ops. Everything
+    ends as in an eager step, and the host saw the values an eager step shows."""
+    buckets, tables, bs, steps = _prepared()
+    ref = [copy.deepcopy(b) for b in buckets]
+    ref_bs, ref_steps = copy.deepcopy(bs), steps.clone()
+    ref_bs.norm([b.grad for b in ref])
+    ref_total = ref_bs.partials.sum()
+    ref_tables = [K.SegmentTable.build(b.params, b.offsets, b.numels, list(range(len(b.numels))),
+                                       [True] * len(b.numels), t.step_index) for b, t in zip(ref, tables)]
+    ref_bs.finalize(ref_steps, weight_divisor=2.0, max_norm=1.0, dynamic=True)
+    for b, t in zip(ref, ref_tables):
+        K.adam_(t, b.grad, b.m, b.v, b.vmax, b.master, ref_steps, ref_bs.window, lr=1e-3, beta1=0.9, beta2=0.999,
+                eps=1e-8, weight_decay=0.1, decoupled=True, seed=5)
+
+    bs.partials.fill_(-1.0)
+    with K.deferred() as calls:
+        bs.norm([b.grad for b in buckets])
+        assert [op.name() for op, _ in calls] == ["fastaccum::bucket_sumsq"] * 2
+        head = bs.partials[:4]  # a view reads nothing
+        assert len(calls) == 2
+        total = bs.partials.sum()  # reads what the recorded sums write: they run first
+        assert calls == []
+        bs.finalize(steps, weight_divisor=2.0, max_norm=1.0, dynamic=True)
+        for b, t in zip(buckets, tables):
+            K.adam_(t, b.grad, b.m, b.v, b.vmax, b.master, steps, bs.window, lr=1e-3, beta1=0.9, beta2=0.999,
+                    eps=1e-8, weight_decay=0.1, decoupled=True, seed=5)
+        torch.ones(3).mul_(2.0)  # touches nothing recorded
+        assert [op.name() for op, _ in calls] == ["fastaccum::finalize"] + ["fastaccum::bucket_adam"] * 2
+    assert torch.equal(total, ref_total) and torch.equal(head, ref_bs.partials[:4])
+    assert steps.tolist() == [0.0] * 148, "finalize ran before its replay"
+    K.replay(calls)
+    assert torch.equal(steps, ref_steps) and torch.equal(bs.window, ref_bs.window)
+    for b, r in zip(buckets, ref):
+        for name in ("m", "v", "master"):
+            if getattr(r, name) is not None:
+                assert torch.equal(getattr(b, name), getattr(r, name)), name
+        assert all(torch.equal(p, q) for p, q in zip(b.params, r.params))
+
+
+def test_an_op_given_other_parameters_writes_those():
+    """What functionalisation does to the update ops, by hand: the op is given copies of the
+    parameters; it updates the copies, exactly as the launcher updates the originals, and leaves
+    the originals (which the table's rows point at) alone."""
+    K.register_ops()
+    a = Bucket((5, 40, 4097), torch.bfloat16, master=False, seed=3)
+    _fill_grads(a, 0, [True] * 3, scale=1.0)
+    b = a.clone()
+    steps, window = torch.zeros(3, device=DEVICE), K.new_window_state(DEVICE)
+    table = K.SegmentTable.build(a.params, a.offsets, a.numels, [0, 1, 2], [True] * 3, [0, 1, 2])
+    K.finalize(None, window, steps, K.step_index_for([table], DEVICE), check_finite=False)
+    before = [p.clone() for p in a.params]
+    copies = [p.clone() for p in a.params]
+    torch.ops.fastaccum.bucket_adam(copies, table.addresses, table.segs, table.tiles, b.grad, b.m, b.v, None, None,
+                                    steps, window, 1e-2, None, 0.9, 0.999, 1e-8, 0.1, True, False, 5)
+    assert all(torch.equal(p, q) for p, q in zip(a.params, before)), "the table's own parameters were written"
+    K.adam_(table, a.grad, a.m, a.v, None, None, steps, window, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+            weight_decay=0.1, decoupled=True, seed=5)
+    assert not any(torch.equal(p, q) for p, q in zip(a.params, before))
+    for p, q in zip(a.params, copies):
+        assert torch.equal(p, q)
+    assert torch.equal(a.m, b.m) and torch.equal(a.v, b.v)

@@ -45,7 +45,15 @@ class AdamSegments:
     ``reusable``: the optimizer passes this very object again on later steps, with new
     ``steps`` and the same tensors in every other list (the bucket's flat buffer and state
     do not move; a parameter's storage may, so a backend that caches pointers re-checks
-    ``params``). A backend may then keep what it derives from the lists on the object.
+    ``params``), except ``grads``: a step whose gradients are not all the buffer's segments
+    (a user's ``p.grad`` read in place) gets a new ``grads`` list, and the next step the
+    first one again. A backend may then keep what it derives from the lists on the object.
+
+    ``step_counts``: given (instead of ``steps``) only to a backend that ``counts_steps``,
+    on a reusable update of the whole bucket: the bucket's float32 tensor of the counts
+    *before* this step, one per segment (``state["step"]`` views into it). The backend adds
+    one to each count once the update has run and uses the new counts, so the step does not
+    read the counts out and add one in a pass of its own.
     """
 
     params: List[Tensor]
@@ -56,6 +64,7 @@ class AdamSegments:
     masters: Optional[List[Tensor]]
     steps: List[int]
     reusable: bool = False
+    step_counts: Optional[Tensor] = None
 
 
 # The hyper-parameters are spelled here and nowhere else: the optimizer fills these
@@ -120,6 +129,8 @@ class Backend(abc.ABC):
     #: True when ``accumulate_(..., result_sumsq=True)`` returns the squared norm of the
     #: result in the same pass as the add (the buckets then fuse the norm into the last fold)
     fuses_result_norm: ClassVar[bool] = False
+    #: True when ``adam_`` takes ``AdamSegments.step_counts`` and counts the steps itself
+    counts_steps: ClassVar[bool] = False
 
     #: True when :meth:`fold_many_` folds many bf16/fp16 gradients in one launch: the buckets then
     #: hold the gradients that arrive during a backward and fold them in groups (buffers.PendingFolds)

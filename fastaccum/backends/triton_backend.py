@@ -85,7 +85,7 @@ def _load_grad_param(g_ptr, p_ptr, master_ptr, offs, mask, grad_multiplier, MAXI
     """The gradient the user means (raw buffer x the one multiplier) and the fp32 weights."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0) * grad_multiplier
     if MAXIMIZE:
-        g = -g
+        g = g * -1.0  # Triton <= 3.6 lowers -g to 0 - g: +0.0 for -0.0 (see triton_kernels' docstring)
     if HAS_MASTER:
         p = tl.load(master_ptr + offs, mask=mask, other=0.0)
     else:

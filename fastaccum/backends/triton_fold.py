@@ -159,6 +159,11 @@ def fold_(srcs: Sequence[Tensor], dsts: Sequence[Tensor], copy: Sequence[bool], 
     Returns (per-tile fp32 sums of squares of the sources when ``sumsq``, else None; the first
     tile of each entry and the total, so ``partials[first[k]:first[k + 1]]`` is entry k's)."""
     packed, first = build_table(srcs, dsts, copy)
+    recording = K._RECORDING
+    if recording is not None and recording.calls:
+        # a step's launches recorded (deferred) before this write of the buffers run first, as
+        # they would have in an eager step (a raw launch is no aten op: the recording cannot see it)
+        recording.flush()
     device = dsts[0].device
     table, host = _to_device(packed, device)
     n_tiles = first[-1]

@@ -49,8 +49,17 @@ integer ops (nearest-even, or stochastic for bf16 moments and for bf16 parameter
 master weights) and keep every NaN a NaN (the ``bits + 0x7FFF + lsb`` trick alone turns NaN
 0x7FFFFFFF into -0.0). All offsets are 64-bit.
 
-Every launcher also exists as a ``torch.library`` op (``fastaccum::*``, see the end of this
-module) so that ``torch.compile`` traces around the kernels.
+Signs of zero: Triton up to 3.6 lowers the unary minus of a float to ``0.0 - x`` (PTX
+``sub.f32 %r, 0f00000000, %x``), which is +0.0 for x = +0.0 where -x is -0.0; the interpreter
+negates. ``p + (-step_size) * q`` with lr = 0 then turned a -0.0 parameter into +0.0 on an H100
+while the interpreter kept it. So no kernel negates a float: ``a - b * c`` instead of
+``a + (-b) * c`` (the same value, zeros included, and the same fused multiply-add), and
+``x * -1.0`` for a sign flip (LLVM makes it ``neg.f32``). tests/test_triton_compile.py checks
+the source for unary minus and every variant's PTX for a subtraction from +0.0.
+
+The step's launchers (``sumsq``, ``finalize``, ``adam_``, ``sgd_``) also exist as ``torch.library``
+ops (``fastaccum::*``, see the end of this module) so that ``torch.compile`` traces around the
+kernels: called as ops while it traces, or recorded (:func:`deferred`) and replayed as ops.
 """
 from __future__ import annotations
 
@@ -60,7 +69,9 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 try:
     import triton
@@ -70,7 +81,8 @@ except ImportError as e:  # the caller routes to the torch backend with this rea
 
 __all__ = [
     "BLOCK", "NUM_WARPS", "ALIGN", "SegmentTable", "new_window_state", "step_index_for",
-    "sumsq", "finalize", "adam_", "sgd_", "accumulate_", "BucketStep", "specializations",
+    "sumsq", "finalize", "adam_", "sgd_", "accumulate_", "BucketStep", "specializations", "deferred", "replay",
+    "register_ops",
     "W_LOSS_SCALE", "W_GROWTH_TRACKER", "W_SKIPPED", "W_SQNORM", "W_NORM", "W_FOUND_INF", "W_SKIP",
     "W_MULTIPLIER", "W_CLIP_COEF", "WINDOW_SLOTS",
 ]
@@ -131,7 +143,7 @@ class SegmentTable:
     """
 
     def __init__(self, *, data: Tensor, host: Tensor, n_segments: int, n_tiles: int, param_dtype: torch.dtype,
-                 flat_extent: int, key: tuple, step_index: List[int]) -> None:
+                 flat_extent: int, key: tuple, step_index: List[int], params: Sequence[Tensor]) -> None:
         self.data = data
         self._host = host  # the (pinned) source of the H2D copy must outlive the copy
         self.n_segments = n_segments
@@ -140,6 +152,10 @@ class SegmentTable:
         self.flat_extent = flat_extent  # flat tensors need at least this many elements
         self.key_ = key
         self.step_index = step_index
+        #: the listed parameters, in row order, and the addresses the rows hold (the custom ops
+        #: are handed the tensors, and re-address the rows when given others: see _addressed)
+        self.params = list(params)
+        self.addresses = [p.data_ptr() for p in self.params]
         self.device = data.device
         self.segs = data[: n_segments * S_FIELDS]
         self.tiles = data[n_segments * S_FIELDS:]
@@ -199,7 +215,7 @@ class SegmentTable:
             host, data = packed, packed.to(device)
         key = cls.key(params, segments, fresh)
         return cls(data=data, host=host, n_segments=n_seg, n_tiles=first, param_dtype=dtype, flat_extent=extent,
-                   key=key, step_index=list(step_index))
+                   key=key, step_index=list(step_index), params=[params[i] for i in segments])
 
     def check_flat(self, name: str, t: Optional[Tensor], dtypes=(torch.float32,)) -> None:
         if t is None:
@@ -232,21 +248,41 @@ def new_window_state(device: Union[str, torch.device], loss_scale: float = 1.0) 
 # ================================================================== shared device helpers
 @triton.jit
 def _tile(seg_ptr, tile_ptr, BLOCK: tl.constexpr):
-    """This program's tile: (segment row pointer, flat offsets, exact mask, padded mask, element
-    index, gradient mask)."""
+    """This program's tile: (segment row pointer, its first flat offset, its first element of
+    the parameter, lanes, exact mask, padded mask, gradient mask).
+
+    Offsets are 64-bit, but only as scalars (the tile's starts); per element there is just the
+    int32 lane in ``0..BLOCK-1`` (``ptr + base + lane``). 64-bit offsets and compares for each
+    of a thread's 16 elements cost registers that ptxas 12.8 (triton 3.6) spilled to an 8-byte
+    stack frame in three _sgd_kernel variants."""
     pid = tl.program_id(0).to(tl.int64)
     row = seg_ptr + tl.load(tile_ptr + pid) * 8
     # `// 16 * 16` is a no-op on these (offsets are multiples of 16 by construction, the
     # padded length is rounded up) that tells the compiler so: vector loads and stores.
     off = tl.load(row + 1) // 16 * 16
-    numel = tl.load(row + 2)
-    npad = (numel + 15) // 16 * 16
     start = (pid - tl.load(row + 5)) * BLOCK
-    idx = start + tl.arange(0, BLOCK).to(tl.int64)
+    n = tl.minimum(tl.load(row + 2) - start, BLOCK).to(tl.int32)  # this tile's elements
+    npad = (n + 15) // 16 * 16
+    lane = tl.arange(0, BLOCK)
     # the gradient mask: the padded length, or nothing for a stale segment (0 * npad keeps
     # the divisibility the vector loads need)
-    gmask = idx < npad * tl.load(row + 3)
-    return row, off + idx, idx < numel, idx < npad, idx, gmask
+    gmask = lane < npad * tl.load(row + 3).to(tl.int32)
+    return row, off + start, start, lane, lane < n, lane < npad, gmask
+
+
+@triton.jit
+def _noise(seed, base, lane, step):
+    """Four independent random 32-bit words per element, for stochastic rounding: Philox keyed
+    by ``seed``, counting (lane, low and high word of the tile's flat offset, step count).
+
+    The step count is read from device memory (finalize advanced it), so a step replayed from a
+    CUDA graph, whose ``seed`` argument was frozen at capture, still draws fresh noise, and no
+    two (element, step) pairs of a bucket share a counter. The counter words other than the
+    lane are uniform: 32-bit Philox on one int32 vector per element."""
+    c1 = (base & 0xFFFFFFFF).to(tl.uint32)
+    c2 = (base >> 32).to(tl.uint32)
+    c3 = step.to(tl.uint32)
+    return tl.philox(seed, lane, c1, c2, c3)
 
 
 @triton.jit
@@ -275,8 +311,9 @@ def _round_store(ptr, offs, mask, x, noise, MODE: tl.constexpr):
 
 @triton.jit
 def _f64(x):
-    """An fp64 tensor from an fp64 scalar argument (the interpreter hands those over as Python floats)."""
-    return x + tl.zeros([], tl.float64)
+    """An fp64 tensor from an fp64 scalar argument (the interpreter hands those over as Python floats).
+    ``x - 0.0``, not ``x + 0.0``: -0.0 + 0.0 is +0.0, -0.0 - 0.0 keeps the sign (and folds away)."""
+    return x - tl.zeros([], tl.float64)
 
 
 @triton.jit
@@ -298,8 +335,8 @@ def _powi(base, e):
 def _sumsq_kernel(seg_ptr, tile_ptr, grad_ptr, partials_ptr, partial_base: tl.int64, BLOCK: tl.constexpr):
     """Per tile: sum of squares of a fresh segment's gradient (0 for a stale one). No atomics:
     finalize adds the partials in a fixed order. inf/nan propagate: this is the inf check."""
-    row, flat, exact, padded, idx, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
-    g = tl.load(grad_ptr + flat, mask=gmask, other=0.0)
+    row, base, start, lane, exact, padded, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
+    g = tl.load(grad_ptr + base + lane, mask=gmask, other=0.0)
     g = tl.where(exact, g, 0.0)
     tl.store(partials_ptr + partial_base + tl.program_id(0).to(tl.int64), tl.sum(g * g, axis=0))
 
@@ -382,8 +419,8 @@ def _adam_kernel(seg_ptr, tile_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr
                  S_MODE: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(window_ptr + 6) != 0.0:  # finalize decided to skip: nothing changes
         return
-    row, flat, exact, padded, idx, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    row, base, start, lane, exact, padded, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE)) + start
     # bias corrections in fp64 from the device step count, like reference.adam_math's floats
     step = tl.load(steps_ptr + tl.load(row + 4))
     lr = _hyper_lr(lr_ptr, _f64(lr), lr_from_ptr)
@@ -401,39 +438,39 @@ def _adam_kernel(seg_ptr, tile_ptr, grad_ptr, m_ptr, v_ptr, vmax_ptr, master_ptr
     wd = weight_decay.to(tl.float32)
     decay = (1.0 - lr * weight_decay).to(tl.float32)
 
-    g = tl.load(grad_ptr + flat, mask=gmask, other=0.0)
+    g = tl.load(grad_ptr + base + lane, mask=gmask, other=0.0)
     g = tl.where(exact, g, 0.0) * tl.load(window_ptr + 7)  # the one multiplier: unscale x normalise x clip
     if maximize != 0:
-        g = -g
+        g = g * -1.0  # not -g: see 'Signs of zero' in the module docstring
     if HAS_MASTER:
-        p = tl.load(master_ptr + flat, mask=padded, other=0.0)
+        p = tl.load(master_ptr + base + lane, mask=padded, other=0.0)
     else:
-        p = tl.load(p_ptr + idx, mask=exact, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + lane, mask=exact, other=0.0).to(tl.float32)
     if decoupled != 0:
         p = p * decay
     else:
         g = g + wd * p
-    m = tl.load(m_ptr + flat, mask=padded, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + flat, mask=padded, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + base + lane, mask=padded, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + base + lane, mask=padded, other=0.0).to(tl.float32)
     # torch's lerp: two formulas, by the side of 0.5 the weight is on
     if w1 < 0.5:
         m = m + w1 * (g - m)
     else:
         m = g - (g - m) * (1.0 - w1)
     v = v * b2 + w2 * g * g
-    r0, r1, r2, r3 = tl.randint4x(seed, flat)
+    r0, r1, r2, r3 = _noise(seed, base, lane, step)
     if AMSGRAD:
-        vmax = tl.maximum(tl.load(vmax_ptr + flat, mask=padded, other=0.0).to(tl.float32), v)
-        _round_store(vmax_ptr, flat, padded, vmax, r2, S_MODE)
+        vmax = tl.maximum(tl.load(vmax_ptr + base + lane, mask=padded, other=0.0).to(tl.float32), v)
+        _round_store(vmax_ptr + base, lane, padded, vmax, r2, S_MODE)
         denom = tl.sqrt(vmax) / bc2_sqrt + eps32
     else:
         denom = tl.sqrt(v) / bc2_sqrt + eps32
-    p = p + (-step_size) * (m / denom)
-    _round_store(m_ptr, flat, padded, m, r0, S_MODE)
-    _round_store(v_ptr, flat, padded, v, r1, S_MODE)
+    p = p - step_size * (m / denom)  # == p + (-step_size) * (m / denom), zeros' signs included
+    _round_store(m_ptr + base, lane, padded, m, r0, S_MODE)
+    _round_store(v_ptr + base, lane, padded, v, r1, S_MODE)
     if HAS_MASTER:
-        tl.store(master_ptr + flat, p, mask=padded)
-    _round_store(p_ptr, idx, exact, p, r3, P_MODE)
+        tl.store(master_ptr + base + lane, p, mask=padded)
+    _round_store(p_ptr, lane, exact, p, r3, P_MODE)
 
 
 @triton.jit(do_not_specialize=["lr_from_ptr", "nesterov", "maximize", "seed"])
@@ -444,37 +481,38 @@ def _sgd_kernel(seg_ptr, tile_ptr, grad_ptr, buf_ptr, master_ptr, steps_ptr, win
                 S_MODE: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(window_ptr + 6) != 0.0:
         return
-    row, flat, exact, padded, idx, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    row, base, start, lane, exact, padded, gmask = _tile(seg_ptr, tile_ptr, BLOCK)
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE)) + start
+    step = tl.load(steps_ptr + tl.load(row + 4))  # already advanced by finalize: 1 on the first step
     lr32 = _hyper_lr(lr_ptr, _f64(lr), lr_from_ptr).to(tl.float32)
     momentum = _f64(momentum)
     dampening = _f64(dampening)
     weight_decay = _f64(weight_decay)
-    g = tl.load(grad_ptr + flat, mask=gmask, other=0.0)
+    g = tl.load(grad_ptr + base + lane, mask=gmask, other=0.0)
     g = tl.where(exact, g, 0.0) * tl.load(window_ptr + 7)
     if maximize != 0:
-        g = -g
+        g = g * -1.0  # not -g: see 'Signs of zero' in the module docstring
     if HAS_MASTER:
-        p = tl.load(master_ptr + flat, mask=padded, other=0.0)
+        p = tl.load(master_ptr + base + lane, mask=padded, other=0.0)
     else:
-        p = tl.load(p_ptr + idx, mask=exact, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + lane, mask=exact, other=0.0).to(tl.float32)
     g = g + weight_decay.to(tl.float32) * p
-    r0, r1, r2, r3 = tl.randint4x(seed, flat)
+    r0, r1, r2, r3 = _noise(seed, base, lane, step)
     if HAS_MOMENTUM:
         mom = momentum.to(tl.float32)
         # torch starts the buffer as a copy of the first gradient (no dampening)
-        first = tl.load(steps_ptr + tl.load(row + 4)) == 1.0
-        b = tl.load(buf_ptr + flat, mask=padded, other=0.0).to(tl.float32)
+        first = step == 1.0
+        b = tl.load(buf_ptr + base + lane, mask=padded, other=0.0).to(tl.float32)
         b = tl.where(first, g, b * mom + (1.0 - dampening).to(tl.float32) * g)
-        _round_store(buf_ptr, flat, padded, b, r0, S_MODE)
+        _round_store(buf_ptr + base, lane, padded, b, r0, S_MODE)
         if nesterov != 0:
             g = g + mom * b
         else:
             g = b
-    p = p + (-lr32) * g
+    p = p - lr32 * g
     if HAS_MASTER:
-        tl.store(master_ptr + flat, p, mask=padded)
-    _round_store(p_ptr, idx, exact, p, r3, P_MODE)
+        tl.store(master_ptr + base + lane, p, mask=padded)
+    _round_store(p_ptr, lane, exact, p, r3, P_MODE)
 
 
 @triton.jit
@@ -557,14 +595,117 @@ def _launch(spec: Spec, grid, *args, **scalars) -> None:
 
 
 # ================================================================== launchers
+# Each launcher checks its arguments, then hands the kernel's arguments, in the order of its
+# ``torch.library`` op, to _dispatch: launched now (eager), called as the op (while
+# torch.compile traces: the op is opaque to it), or recorded by :func:`deferred` for the
+# optimizer's compiled step to replay as ops.
+_RECORDING: Optional["_Deferral"] = None
+
+
+class _Deferral(TorchDispatchMode):
+    """The recording of :func:`deferred`: the launches not run yet (``calls``), and a watch on
+    every aten op run meanwhile. An op that touches the memory of a recorded launch's tensor
+    (reads what it would write, writes what it would read, or reads its value on the host)
+    first runs the launches recorded so far, in order, as an eager step would have by then;
+    later launches are recorded again. So deferring a launch never changes what any code sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[tuple] = []
+        self._memory: set = set()
+
+    def record(self, op, args: tuple) -> None:
+        self.calls.append((op, args))
+        self._memory.update(_memory_of(args))
+
+    def flush(self) -> None:
+        calls = list(self.calls)
+        self.calls.clear()
+        self._memory.clear()
+        for op, args in calls:
+            op(*args)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # a view reads no data (what is later done through it is seen then)
+        if self.calls and not func.is_view and self._touches((args, kwargs)):
+            self.flush()  # (this mode is off inside its own handler: the launches run as usual)
+        return func(*args, **kwargs)
+
+    def _touches(self, tree) -> bool:
+        for t in pytree.tree_leaves(tree):
+            if isinstance(t, Tensor):
+                key = _storage_key(t)
+                if key is None or key in self._memory:  # no storage to compare (a wrapper subclass): assume so
+                    return True
+        return False
+
+
+def _storage_key(t: Tensor):
+    try:
+        return t.device, t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _memory_of(tree) -> set:
+    """The storages of the tensors in ``tree``, as (device, address)."""
+    keys = {_storage_key(t) for t in pytree.tree_leaves(tree) if isinstance(t, Tensor)}
+    return {k for k in keys if k is not None and k[1] != 0}
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[List[tuple]]:
+    """Record the launches of :func:`sumsq`, :func:`finalize`, :func:`adam_` and :func:`sgd_`
+    made inside the block instead of running them: a list of ``(op, args)`` for :func:`replay`,
+    complete when the block ends.
+
+    The optimizer's step under ``torch.compile`` runs its host side eagerly in this block and
+    replays the launches as the ``fastaccum::*`` ops in the compiled graph, after the block.
+    Any aten op in the block that touches a recorded launch's memory runs the launches recorded
+    until then first (see _Deferral), so the host side sees what an eager step would: it only
+    costs those launches their place in the graph."""
+    global _RECORDING
+    outer, _RECORDING = _RECORDING, _Deferral()
+    try:
+        with _RECORDING:
+            yield _RECORDING.calls
+    finally:
+        _RECORDING = outer
+
+
+def replay(calls: Sequence[tuple]) -> None:
+    """Run what :func:`deferred` recorded, as ``fastaccum::*`` op calls (traced by torch.compile)."""
+    for op, args in calls:
+        op(*args)
+
+
+def _dispatch(name: str, args: tuple) -> None:
+    if _RECORDING is not None:
+        _RECORDING.record(_op(name), args)
+    elif torch.compiler.is_compiling():
+        _op(name)(*args)
+    else:
+        _IMPLS[name](*args, readdress=False)
+
+
+def _op(name: str):
+    _define_ops()
+    return getattr(torch.ops.fastaccum, name).default
+
+
 def sumsq(table: SegmentTable, grad: Tensor, partials: Tensor, base: int = 0) -> None:
     """Write ``table.n_tiles`` partial sums of squares of the fresh segments' gradient into
     ``partials[base : base + table.n_tiles]`` (stale segments count 0). One launch, no sync."""
     table.check_flat("grad", grad)
     if partials.numel() < base + table.n_tiles or partials.dtype != torch.float32:
         raise ValueError(f"partials needs {base + table.n_tiles} fp32 elements, got {partials.numel()} {partials.dtype}")
+    _dispatch("bucket_sumsq", (table.segs, table.tiles, grad, partials, int(base)))
+
+
+def _sumsq_impl(segs: Tensor, tiles: Tensor, grad: Tensor, partials: Tensor, base: int, readdress: bool = True) -> None:
     with _device_guard(grad):
-        _launch(_SUMSQ_SPEC, (table.n_tiles,), table.segs, table.tiles, grad, partials, base)
+        _launch(_SUMSQ_SPEC, (tiles.numel(),), segs, tiles, grad, partials, base)
 
 
 def finalize(partials: Optional[Tensor], window: Tensor, steps: Tensor, step_index: Tensor, *,
@@ -586,32 +727,45 @@ def finalize(partials: Optional[Tensor], window: Tensor, steps: Tensor, step_ind
         raise ValueError(f"window must be an fp32 tensor of {WINDOW_SLOTS} slots (new_window_state)")
     if steps.dtype != torch.float32 or step_index.dtype != torch.int64:
         raise ValueError("steps must be fp32 and step_index int64")
-    n_partials = 0 if partials is None else partials.numel()
     div_t = weight_divisor if isinstance(weight_divisor, Tensor) else None
+    _dispatch("finalize", (partials, window, steps, step_index, 1.0 if div_t is not None else float(weight_divisor),
+                           float(max_norm or 0.0), bool(check_finite), bool(dynamic), float(growth_factor),
+                           float(backoff_factor), int(growth_interval), grad_scale, found_inf, div_t,
+                           bool(scale_applied)))
+
+
+def _finalize_impl(partials: Optional[Tensor], window: Tensor, steps: Tensor, step_index: Tensor,
+                   weight_divisor: float, max_norm: float, check_finite: bool, dynamic: bool, growth_factor: float,
+                   backoff_factor: float, growth_interval: int, grad_scale: Optional[Tensor] = None,
+                   found_inf: Optional[Tensor] = None, divisor: Optional[Tensor] = None, scale_applied: bool = True,
+                   readdress: bool = True) -> None:
+    n_partials = 0 if partials is None else partials.numel()
     with _device_guard(window):
         _launch(_FINALIZE_SPEC, (1,),
                 window if partials is None else partials, n_partials, window, steps, step_index, step_index.numel(),
                 window if grad_scale is None else grad_scale, window if found_inf is None else found_inf,
-                window if div_t is None else div_t,
-                1.0 if div_t is not None else float(weight_divisor), float(max_norm or 0.0),
+                window if divisor is None else divisor, float(weight_divisor), float(max_norm),
                 float(growth_factor), float(backoff_factor), float(growth_interval),
-                int(grad_scale is not None), int(found_inf is not None), int(div_t is not None),
+                int(grad_scale is not None), int(found_inf is not None), int(divisor is not None),
                 int(check_finite), int(dynamic), int(scale_applied))
 
 
 def _lr_args(lr: Union[float, Tensor], window: Tensor):
+    """(lr as a Python float, lr as a 1-element fp32 tensor or None)."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or lr.device != window.device:
             raise ValueError("a tensor lr must have one element and live on the parameters' device")
-        return lr if lr.dtype == torch.float32 else lr.float(), 0.0, 1
-    return window, float(lr), 0
+        return 0.0, lr if lr.dtype == torch.float32 else lr.float()
+    return float(lr), None
 
 
 def adam_(table: SegmentTable, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor],
           master: Optional[Tensor], steps: Tensor, window: Tensor, *, lr: Union[float, Tensor], beta1: float,
           beta2: float, eps: float, weight_decay: float, decoupled: bool, maximize: bool = False, seed: int = 0) -> None:
     """Adam/AdamW over every segment of ``table``: one launch; returns at once on the device when
-    ``window[W_SKIP]`` is set. The gradient is read (times ``window[W_MULTIPLIER]``), never written."""
+    ``window[W_SKIP]`` is set. The gradient is read (times ``window[W_MULTIPLIER]``), never written.
+    ``seed`` keys the stochastic-rounding noise, which is also counted by each parameter's step in
+    ``steps``: the same seed at every step (as a captured CUDA graph replays it) draws new noise."""
     sd = exp_avg.dtype
     table.check_flat("grad", grad)
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", max_exp_avg_sq)):
@@ -619,33 +773,73 @@ def adam_(table: SegmentTable, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     table.check_flat("master", master)
     if table.param_dtype == torch.float16 and master is None:
         raise ValueError("float16 parameters need fp32 master weights")
-    spec = _adam_spec(table.param_dtype, master is not None, sd, max_exp_avg_sq is not None)
-    lr_t, lr_f, lr_from_ptr = _lr_args(lr, window)
+    lr_f, lr_t = _lr_args(lr, window)
+    _dispatch("bucket_adam", (table.params, table.addresses, table.segs, table.tiles, grad, exp_avg, exp_avg_sq,
+                              max_exp_avg_sq, master, steps, window, lr_f, lr_t, float(beta1), float(beta2),
+                              float(eps), float(weight_decay), bool(decoupled), bool(maximize),
+                              int(seed) & 0x7FFFFFFF))
+
+
+def _adam_impl(params: List[Tensor], addrs: List[int], segs: Tensor, tiles: Tensor, grad: Tensor, exp_avg: Tensor,
+               exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor], master: Optional[Tensor], steps: Tensor,
+               window: Tensor, lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float, eps: float,
+               weight_decay: float, decoupled: bool, maximize: bool, seed: int, readdress: bool = True) -> None:
+    if readdress:
+        segs = _addressed(segs, params, addrs)
+    spec = _adam_spec(params[0].dtype, master is not None, exp_avg.dtype, max_exp_avg_sq is not None)
     with _device_guard(grad):
-        _launch(spec, (table.n_tiles,), table.segs, table.tiles, grad, exp_avg, exp_avg_sq,
+        _launch(spec, (tiles.numel(),), segs, tiles, grad, exp_avg, exp_avg_sq,
                 exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq, grad if master is None else master,
-                steps, window, lr_t, lr_f, float(beta1), float(beta2), float(eps), float(weight_decay),
-                lr_from_ptr, int(decoupled), int(maximize), int(seed) & 0x7FFFFFFF)
+                steps, window, window if lr_tensor is None else lr_tensor, lr, beta1, beta2, eps, weight_decay,
+                int(lr_tensor is not None), int(decoupled), int(maximize), seed & 0x7FFFFFFF)
 
 
 def sgd_(table: SegmentTable, grad: Tensor, momentum_buffer: Optional[Tensor], master: Optional[Tensor],
          steps: Tensor, window: Tensor, *, lr: Union[float, Tensor], momentum: float = 0.0, dampening: float = 0.0,
          nesterov: bool = False, weight_decay: float = 0.0, maximize: bool = False, seed: int = 0) -> None:
     """SGD (momentum, dampening, nesterov, weight decay) over every segment of ``table``: one
-    launch. The momentum buffer starts as the gradient when ``steps`` reads 1 for the segment."""
+    launch. The momentum buffer starts as the gradient when ``steps`` reads 1 for the segment.
+    ``seed``: as for :func:`adam_`."""
     table.check_flat("grad", grad)
     table.check_flat("momentum_buffer", momentum_buffer, STATE_DTYPES)
     table.check_flat("master", master)
     if (momentum != 0) != (momentum_buffer is not None):
         raise ValueError("pass a momentum_buffer exactly when momentum != 0")
+    lr_f, lr_t = _lr_args(lr, window)
+    _dispatch("bucket_sgd", (table.params, table.addresses, table.segs, table.tiles, grad, momentum_buffer, master,
+                             steps, window, lr_f, lr_t, float(momentum), float(dampening), float(weight_decay),
+                             bool(nesterov), bool(maximize), int(seed) & 0x7FFFFFFF))
+
+
+def _sgd_impl(params: List[Tensor], addrs: List[int], segs: Tensor, tiles: Tensor, grad: Tensor,
+              momentum_buffer: Optional[Tensor], master: Optional[Tensor], steps: Tensor, window: Tensor, lr: float,
+              lr_tensor: Optional[Tensor], momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+              maximize: bool, seed: int, readdress: bool = True) -> None:
+    if readdress:
+        segs = _addressed(segs, params, addrs)
     sd = momentum_buffer.dtype if momentum_buffer is not None else torch.float32
-    spec = _sgd_spec(table.param_dtype, master is not None, sd, momentum_buffer is not None)
-    lr_t, lr_f, lr_from_ptr = _lr_args(lr, window)
+    spec = _sgd_spec(params[0].dtype, master is not None, sd, momentum_buffer is not None)
     with _device_guard(grad):
-        _launch(spec, (table.n_tiles,), table.segs, table.tiles, grad, grad if momentum_buffer is None else
-                momentum_buffer, grad if master is None else master, steps, window, lr_t, lr_f,
-                float(momentum), float(dampening), float(weight_decay), lr_from_ptr, int(nesterov), int(maximize),
-                int(seed) & 0x7FFFFFFF)
+        _launch(spec, (tiles.numel(),), segs, tiles, grad, grad if momentum_buffer is None else momentum_buffer,
+                grad if master is None else master, steps, window, window if lr_tensor is None else lr_tensor, lr,
+                momentum, dampening, weight_decay, int(lr_tensor is not None), int(nesterov), int(maximize),
+                seed & 0x7FFFFFFF)
+
+
+def _addressed(segs: Tensor, params: Sequence[Tensor], addrs: Sequence[int]) -> Tensor:
+    """``segs`` with its rows pointing at ``params``: the kernels write the parameters through
+    the addresses in the table, and a traced graph may hand the op other tensors than the ones
+    the table was built for (functionalisation passes copies, and copies them back after the
+    op). Rebuilt on the device, no sync; the table itself is left as it is."""
+    ptrs = [p.data_ptr() for p in params]
+    if ptrs == list(addrs):
+        return segs
+    rows = segs.reshape(len(params), S_FIELDS).clone()
+    new = torch.tensor(ptrs, dtype=torch.int64)
+    if segs.device.type == "cuda":
+        new = new.pin_memory()
+    rows[:, S_ADDR] = new.to(segs.device, non_blocking=True)
+    return rows.reshape(-1)
 
 
 def accumulate_(dst: Tensor, src: Tensor, alpha: float = 1.0, sumsq_out: Optional[Tensor] = None) -> None:
@@ -715,10 +909,12 @@ class BucketStep:
 
 
 # ================================================================== torch.library ops
-# Declared with the tensors they mutate so torch.compile orders them correctly. The
-# parameters are reached through the table's addresses: they are passed as ``params`` (and
-# declared mutated) so that the graph knows, and the tables must describe those very tensors
-# (the caller rebuilds a table when a data_ptr changes; see SegmentTable.key).
+# One op per launcher, declared with the tensors it mutates so that torch.compile orders and
+# functionalises them correctly. The parameters are reached through the table's addresses:
+# they are passed as ``params`` (declared mutated), with the addresses the table holds, and an
+# op given other tensors (functionalisation's copies) writes those (see _addressed).
+_IMPLS = {"bucket_sumsq": _sumsq_impl, "finalize": _finalize_impl, "bucket_adam": _adam_impl,
+          "bucket_sgd": _sgd_impl}
 _OPS_DEFINED = False
 
 
@@ -730,44 +926,44 @@ def _define_ops() -> None:
 
     @custom_op("fastaccum::bucket_sumsq", mutates_args=("partials",))
     def bucket_sumsq(segs: Tensor, tiles: Tensor, grad: Tensor, partials: Tensor, base: int) -> None:
-        with _device_guard(grad):
-            _launch(_SUMSQ_SPEC, (tiles.numel(),), segs, tiles, grad, partials, base)
-
-    @bucket_sumsq.register_fake
-    def _(segs, tiles, grad, partials, base):
-        return None
+        _sumsq_impl(segs, tiles, grad, partials, base)
 
     @custom_op("fastaccum::finalize", mutates_args=("window", "steps"))
-    def finalize_op(partials: Tensor, window: Tensor, steps: Tensor, step_index: Tensor, weight_divisor: float,
-                    max_norm: float, check_finite: bool, dynamic: bool, growth_factor: float, backoff_factor: float,
-                    growth_interval: int) -> None:
-        finalize(partials, window, steps, step_index, weight_divisor=weight_divisor, max_norm=max_norm,
-                 check_finite=check_finite, dynamic=dynamic, growth_factor=growth_factor,
-                 backoff_factor=backoff_factor, growth_interval=growth_interval)
-
-    @finalize_op.register_fake
-    def _(*args):
-        return None
+    def finalize_op(partials: Optional[Tensor], window: Tensor, steps: Tensor, step_index: Tensor,
+                    weight_divisor: float, max_norm: float, check_finite: bool, dynamic: bool, growth_factor: float,
+                    backoff_factor: float, growth_interval: int, grad_scale: Optional[Tensor] = None,
+                    found_inf: Optional[Tensor] = None, divisor: Optional[Tensor] = None,
+                    scale_applied: bool = True) -> None:
+        _finalize_impl(partials, window, steps, step_index, weight_divisor, max_norm, check_finite, dynamic,
+                       growth_factor, backoff_factor, growth_interval, grad_scale, found_inf, divisor, scale_applied)
 
     @custom_op("fastaccum::bucket_adam", mutates_args=("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"))
-    def bucket_adam(params: List[Tensor], segs: Tensor, tiles: Tensor, grad: Tensor, exp_avg: Tensor,
-                    exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor], master: Optional[Tensor], steps: Tensor,
-                    window: Tensor, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                    decoupled: bool, maximize: bool, seed: int) -> None:
-        spec = _adam_spec(params[0].dtype, master is not None, exp_avg.dtype, max_exp_avg_sq is not None)
-        with _device_guard(grad):
-            _launch(spec, (tiles.numel(),), segs, tiles, grad, exp_avg, exp_avg_sq,
-                    exp_avg_sq if max_exp_avg_sq is None else max_exp_avg_sq, grad if master is None else master,
-                    steps, window, window, lr, beta1, beta2, eps, weight_decay, 0, int(decoupled), int(maximize),
-                    seed & 0x7FFFFFFF)
+    def bucket_adam(params: List[Tensor], addrs: List[int], segs: Tensor, tiles: Tensor, grad: Tensor,
+                    exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor], master: Optional[Tensor],
+                    steps: Tensor, window: Tensor, lr: float, lr_tensor: Optional[Tensor], beta1: float, beta2: float,
+                    eps: float, weight_decay: float, decoupled: bool, maximize: bool, seed: int) -> None:
+        _adam_impl(params, addrs, segs, tiles, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, steps, window, lr,
+                   lr_tensor, beta1, beta2, eps, weight_decay, decoupled, maximize, seed)
 
-    @bucket_adam.register_fake
-    def _(*args):
-        return None
+    @custom_op("fastaccum::bucket_sgd", mutates_args=("params", "momentum_buffer", "master"))
+    def bucket_sgd(params: List[Tensor], addrs: List[int], segs: Tensor, tiles: Tensor, grad: Tensor,
+                   momentum_buffer: Optional[Tensor], master: Optional[Tensor], steps: Tensor, window: Tensor,
+                   lr: float, lr_tensor: Optional[Tensor], momentum: float, dampening: float, weight_decay: float,
+                   nesterov: bool, maximize: bool, seed: int) -> None:
+        _sgd_impl(params, addrs, segs, tiles, grad, momentum_buffer, master, steps, window, lr, lr_tensor, momentum,
+                  dampening, weight_decay, nesterov, maximize, seed)
+
+    # the ops write their arguments in place and return nothing: under fake tensors, nothing to do
+    for op in (bucket_sumsq, finalize_op, bucket_adam, bucket_sgd):
+        op.register_fake(_no_output)
 
     _OPS_DEFINED = True
 
 
+def _no_output(*args, **kwargs) -> None:
+    return None
+
+
 def register_ops() -> None:
-    """Define the ``fastaccum::bucket_sumsq`` / ``finalize`` / ``bucket_adam`` ops (idempotent)."""
+    """Define the ``fastaccum::bucket_sumsq`` / ``finalize`` / ``bucket_adam`` / ``bucket_sgd`` ops (idempotent)."""
     _define_ops()

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..base import AdamHyper, AdamSegments, Backend, SGDHyper, SGDSegments, hyper_kwargs
 from ..torch_backend import TorchBackend
 
-_EXPECTED_ABI = 3  # csrc/kernels.h kAbiVersion
+_EXPECTED_ABI = 4  # csrc/kernels.h kAbiVersion
 
 if os.environ.get("FASTACCUM_NO_EXT", "0") not in ("", "0"):
     # An editable install keeps an earlier build of _C in the source tree; the switch that
@@ -82,6 +82,7 @@ class CpuBackend(Backend):
     name = "cpu"
     device_types = ("cpu",)
     fuses_result_norm = True
+    counts_steps = True
 
     def __init__(self) -> None:
         self._torch = TorchBackend()
@@ -141,11 +142,62 @@ class CpuBackend(Backend):
 
     # ------------------------------------------------------------------ adam
     def adam_(self, segs: AdamSegments, hp: AdamHyper) -> None:
+        counts = segs.step_counts
+        if counts is None:
+            self._adam(segs, hp)
+            return
+        plan = self._adam_plan(segs)
+        if (plan is not None and len(plan[1]) == 1 and plan[1][0][0] is None and not plan[2]
+                and _is_cpu_contig(counts, (torch.float32,), len(segs.params))):
+            # the common case: one kernel job for the whole bucket, counting its steps in place;
+            # gradients other than the planned ones (a user's p.grad, read in place) pass
+            # their addresses for this call
+            grads = [] if segs.grads is plan[3] else _grad_ptrs(segs.grads, segs.params, plan[3])
+            if grads is not None:
+                plan[1][0][1].run_counted(
+                    counts.data_ptr(), float(hp.lr), float(hp.beta1), float(hp.beta2), float(hp.eps),
+                    float(hp.weight_decay), bool(hp.decoupled), bool(hp.maximize), float(hp.grad_multiplier),
+                    bool(hp.stochastic_rounding), _group_seed(hp.seed, 0) & ops.SEED_MASK, torch.get_num_threads(),
+                    grads)
+                return
+        segs.steps = [int(s) + 1 for s in counts.tolist()]
+        segs.step_counts = None
+        try:
+            self._adam(segs, hp)
+        finally:
+            segs.step_counts = counts
+        counts += 1  # once the update has run, as run_counted does
+
+    def _adam_plan(self, segs: AdamSegments) -> Optional[Tuple[Tuple[int, ...], list, List[int], List[Tensor]]]:
+        """The kernel jobs of reusable segments, laid out on their first update (and again when
+        a parameter's storage moved): (parameter addresses, [(indices or None, job)], the
+        indices that go to the torch backend, the gradients laid out). None for segments that
+        are not reusable."""
+        if torch.compiler.is_compiling() or not segs.reusable:
+            return None
         plan = getattr(segs, "_cpu_plan", None)
-        if plan is not None and plan[0] == tuple(map(_data_ptr, segs.params)) and not torch.compiler.is_compiling():
+        if plan is not None and plan[0] == tuple(map(_data_ptr, segs.params)):
+            return plan
+        if plan is not None and segs.grads is not plan[3]:
+            return None  # laid out again from the segments' own gradients only
+        groups, fallback = _adam_groups(segs)
+        if not (segs.params and _eager(segs.params[0]) and _eager(segs.grads[0])):
+            return None
+        runs = []
+        for idx in groups.values():
+            pick = lambda ts: [ts[i] for i in idx] if ts is not None else []  # noqa: E731
+            job = ops.adam_plan(pick(segs.params), pick(segs.grads), pick(segs.exp_avgs),
+                                pick(segs.exp_avg_sqs), pick(segs.max_exp_avg_sqs), pick(segs.masters))
+            runs.append((None if len(idx) == len(segs.params) else idx, job))
+        segs._cpu_plan = (tuple(map(_data_ptr, segs.params)), runs, fallback, segs.grads)
+        return segs._cpu_plan
+
+    def _adam(self, segs: AdamSegments, hp: AdamHyper) -> None:
+        plan = self._adam_plan(segs)
+        if plan is not None and segs.grads is plan[3]:
             # The same segments as a previous call (see AdamSegments): the pointers were
             # checked and laid out then; only the step counts and the scalars cross now.
-            _, runs, fallback = plan
+            _, runs, fallback, _ = plan
             nthreads = torch.get_num_threads()
             for g, (idx, job) in enumerate(runs):
                 steps = segs.steps if idx is None else [segs.steps[i] for i in idx]
@@ -156,38 +208,8 @@ class CpuBackend(Backend):
                 with torch.no_grad():
                     self._torch.adam_(_subset_adam(segs, fallback), hp)
             return
-        groups: Dict[Tuple[torch.dtype, torch.dtype], List[int]] = {}
-        fallback: List[int] = []
-        for i, p in enumerate(segs.params):
-            n = p.numel()
-            if n == 0:
-                continue
-            m, v = segs.exp_avgs[i], segs.exp_avg_sqs[i]
-            vmax = segs.max_exp_avg_sqs[i] if segs.max_exp_avg_sqs is not None else None
-            master = segs.masters[i] if segs.masters is not None else None
-            ok = (
-                _is_cpu_contig(p, _KERNEL_DTYPES, n)
-                and _is_cpu_contig(segs.grads[i], (torch.float32,), n)
-                and _is_cpu_contig(m, ops.STATE_DTYPES, n)
-                and _is_cpu_contig(v, (m.dtype,), n)
-                and (segs.max_exp_avg_sqs is None or _is_cpu_contig(vmax, (m.dtype,), n))
-                and (segs.masters is None or _is_cpu_contig(master, (torch.float32,), n))
-            )
-            if ok:
-                groups.setdefault((p.dtype, m.dtype), []).append(i)
-            else:
-                fallback.append(i)
+        groups, fallback = _adam_groups(segs)
         eager = bool(segs.params) and _eager(segs.params[0]) and _eager(segs.grads[0])
-        if eager and segs.reusable:
-            # laid out once, run by the fast path above from now on (and this time)
-            runs = []
-            for idx in groups.values():
-                pick = lambda ts: [ts[i] for i in idx] if ts is not None else []  # noqa: E731
-                job = ops.adam_plan(pick(segs.params), pick(segs.grads), pick(segs.exp_avgs),
-                                    pick(segs.exp_avg_sqs), pick(segs.max_exp_avg_sqs), pick(segs.masters))
-                runs.append((None if len(idx) == len(segs.params) else idx, job))
-            segs._cpu_plan = (tuple(map(_data_ptr, segs.params)), runs, fallback)
-            return self.adam_(segs, hp)
         with torch.no_grad():
             for g, idx in enumerate(groups.values()):
                 pick = lambda ts: [ts[i] for i in idx] if ts is not None else []  # noqa: E731
@@ -239,6 +261,44 @@ class CpuBackend(Backend):
                     torch.ops.fastaccum.sgd_(**tensors, **kw)
             if fallback:
                 self._torch.sgd_(_subset_sgd(segs, fallback), hp)
+
+
+def _grad_ptrs(grads: Sequence[Tensor], params: Sequence[Tensor], planned: Sequence[Tensor]) -> Optional[List[int]]:
+    """The addresses of ``grads`` for a planned job, or None when one is not an fp32, contiguous
+    CPU tensor of its parameter's size (the kernels would misread it)."""
+    out = []
+    for g, p, q in zip(grads, params, planned):
+        if g is not q and not (_is_cpu_contig(g, (torch.float32,), p.numel()) and _eager(g)):
+            return None
+        out.append(g.data_ptr())
+    return out
+
+
+def _adam_groups(segs: AdamSegments) -> Tuple[Dict[Tuple[torch.dtype, torch.dtype], List[int]], List[int]]:
+    """The segments the kernels take, by (parameter dtype, state dtype), and the rest (for the
+    torch backend); empty segments are in neither."""
+    groups: Dict[Tuple[torch.dtype, torch.dtype], List[int]] = {}
+    fallback: List[int] = []
+    for i, p in enumerate(segs.params):
+        n = p.numel()
+        if n == 0:
+            continue
+        m, v = segs.exp_avgs[i], segs.exp_avg_sqs[i]
+        vmax = segs.max_exp_avg_sqs[i] if segs.max_exp_avg_sqs is not None else None
+        master = segs.masters[i] if segs.masters is not None else None
+        ok = (
+            _is_cpu_contig(p, _KERNEL_DTYPES, n)
+            and _is_cpu_contig(segs.grads[i], (torch.float32,), n)
+            and _is_cpu_contig(m, ops.STATE_DTYPES, n)
+            and _is_cpu_contig(v, (m.dtype,), n)
+            and (segs.max_exp_avg_sqs is None or _is_cpu_contig(vmax, (m.dtype,), n))
+            and (segs.masters is None or _is_cpu_contig(master, (torch.float32,), n))
+        )
+        if ok:
+            groups.setdefault((p.dtype, m.dtype), []).append(i)
+        else:
+            fallback.append(i)
+    return groups, fallback
 
 
 def _subset_adam(segs: AdamSegments, idx: List[int]) -> AdamSegments:
