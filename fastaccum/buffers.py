@@ -293,6 +293,9 @@ class PendingFolds:
             self.task = task
         return True
 
+    # What launches or moves p.grad runs eagerly: inside a backward that a compiled function
+    # called, torch.compile would otherwise trace the engine's callback (and the fold's launch).
+    @torch.compiler.disable
     def _end_of_backward(self) -> None:
         self.task = -1
         self.finish()
@@ -307,12 +310,14 @@ class PendingFolds:
         if self.nbytes >= self.cap:
             self.fold_waiting()
 
+    @torch.compiler.disable
     def fold_waiting(self) -> None:
         """Fold every waiting gradient: one launch per source dtype (one, but for a mix of bf16
         and fp16 parameters)."""
         while self.entries:
             self._fold_some()
 
+    @torch.compiler.disable
     def finish(self) -> None:
         """The backward is over: fold what waits and give the views detached for it back to
         ``p.grad`` (the parameters that got no gradient in it keep theirs)."""
@@ -532,6 +537,7 @@ class Bucket:
         if self.pending[i]:
             self.folds.fold_waiting()
 
+    @torch.compiler.disable
     def finish_folds(self) -> None:
         """The backward is over (or raised): nothing of it waits any more."""
         self._sync_folds()
@@ -561,6 +567,7 @@ class Bucket:
         folds.add(self, i, grad, copy, self._fold_bytes[i])
         return True
 
+    @torch.compiler.disable
     def detach_for_batched_fold(self) -> None:
         """``opt.backward`` is about to run a backward: the GradViews of fresh segments leave
         ``p.grad``, so that autograd hands each new gradient to the hook (which holds it for
