@@ -17,6 +17,10 @@ Rows
           accumulation included: fastaccum (``opt.backward`` x N, ``step``/``zero_grad`` every
           micro-batch) vs torch (fp32 params, ``(loss / N).backward()`` x N, autograd
           accumulates into ``.grad``, ``clip_grad_norm_`` + fused AdamW).
+          bf16 parameters twice, an A/B of the fold of their gradients into the fp32 buffers:
+          ``fastaccum-bf16`` the batched fold (the default: gradients held during backward and
+          folded in one launch per group), ``fastaccum-bf16-param`` the per-parameter fold
+          (``FASTACCUM_FOLD_CAP_MB=0``: one launch per gradient). ``--fold`` picks one of them.
 
 The backward of the simulated model costs no matmuls: one autograd node returns prepared
 gradients times the upstream gradient (one ``_foreach_mul``, fresh tensors as a layer's
@@ -32,12 +36,15 @@ each moves its own bytes; compare implementations by ms (and ``x fused``):
   accumulation traffic of that recipe (see ``_window_bytes``).
 ``% copy`` is GB/s over the device-to-device bandwidth of ``dst.copy_(src)`` (read + write
 counted) measured at the start of the same run. ``launches`` counts device kernels (and
-memcpy/memset) per timed repeat with torch.profiler. ``sync`` runs one timed repeat under
+memcpy/memset) per timed repeat with torch.profiler. ``peak MB`` is what one repeat allocates
+on the device at its peak beyond what was allocated before it (the held gradients of the
+batched fold show here). ``sync`` runs one timed repeat under
 ``torch.cuda.set_sync_debug_mode("error")`` and says whether a host sync raised.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -179,6 +186,18 @@ def count_launches(device: torch.device, fn: Callable[[], None]) -> Optional[int
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def peak_extra_mb(device: torch.device, fn: Callable[[], None]) -> Optional[float]:
+    """Device memory ``fn`` allocates at its peak beyond what was allocated before it (MiB); None on CPU."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def sync_check(device: torch.device, fn: Callable[[], None]) -> str:
     """'none' when ``fn`` ran under set_sync_debug_mode('error') without a host sync, else the error."""
     if device.type != "cuda":
@@ -209,11 +228,33 @@ class Row:
     pct_copy: Optional[float] = None
     x_fused: Optional[float] = None
     launches: Optional[int] = None
+    peak_mb: Optional[float] = None
     sync: str = ""
     error: str = ""
 
 
 STEP_BYTES = {"fastaccum-bf16": 34, "fastaccum-fp32": 32, "torch-fused": 40, "torch-foreach": 40}
+#: FASTACCUM_FOLD_CAP_MB while each implementation's optimizer is built (None: as the environment
+#: says, i.e. the default batched fold); the per-parameter fold is the A/B reference
+FOLD_CAP_MB = {"fastaccum-bf16-param": "0"}
+STEP_BYTES["fastaccum-bf16-param"] = STEP_BYTES["fastaccum-bf16"]
+
+
+@contextlib.contextmanager
+def _fold_cap(impl: str):
+    """The environment an implementation's optimizer is built in (read at construction)."""
+    value = FOLD_CAP_MB.get(impl)
+    old = os.environ.get("FASTACCUM_FOLD_CAP_MB")
+    if value is not None:
+        os.environ["FASTACCUM_FOLD_CAP_MB"] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                del os.environ["FASTACCUM_FOLD_CAP_MB"]
+            else:
+                os.environ["FASTACCUM_FOLD_CAP_MB"] = old
 
 
 def _window_bytes(impl: str, n_micro: int) -> float:
@@ -223,7 +264,7 @@ def _window_bytes(impl: str, n_micro: int) -> float:
     Accumulation: the first micro-batch's gradient is stored as it is (fp32: autograd keeps
     the fresh tensor; bf16: copied into the fp32 buffer, 2 read + 4 write), each later one is
     added (fp32: 4+4 read, 4 write; bf16 into the fp32 buffer: 2+4 read, 4 write)."""
-    low = impl == "fastaccum-bf16"
+    low = impl.startswith("fastaccum-bf16")
     size = 2 if low else 4
     delivery = 2 * size * n_micro
     first = (size + 4) if low else 0
@@ -236,14 +277,16 @@ class Recipe:
 
     def __init__(self, impl: str, shapes, device: torch.device, stage: str, n_micro: int, smoke: bool) -> None:
         self.impl, self.stage, self.n_micro, self.device = impl, stage, n_micro, device
-        dtype = torch.bfloat16 if impl == "fastaccum-bf16" else torch.float32
+        dtype = torch.bfloat16 if impl.startswith("fastaccum-bf16") else torch.float32
         self.params = make_params(shapes, dtype, device)
         self.grads = make_grads(self.params)
         lr, wd = 1e-4, 0.1
         if impl.startswith("fastaccum"):
             accum = n_micro if stage == "window" else 1
-            self.opt = fastaccum.AdamW(self.params, lr=lr, weight_decay=wd, backend="torch" if smoke else "triton",
-                                       accumulation_steps=accum, max_grad_norm=1.0)
+            with _fold_cap(impl):
+                self.opt = fastaccum.AdamW(self.params, lr=lr, weight_decay=wd,
+                                           backend="torch" if smoke else "triton", accumulation_steps=accum,
+                                           max_grad_norm=1.0)
         else:
             kind = impl.split("-")[1]
             self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=wd,
@@ -315,6 +358,8 @@ def bench_row(model: str, shapes, impl: str, stage: str, n_micro: int, device: t
         recipe.prepare()
         row.launches = count_launches(device, recipe.run)
         recipe.prepare()
+        row.peak_mb = peak_extra_mb(device, recipe.run)
+        recipe.prepare()
         synchronize(device)
         row.sync = sync_check(device, recipe.run)
     except Exception as e:  # one failing implementation must not end an unattended run
@@ -339,16 +384,16 @@ def fill_ratios(rows: List[Row]) -> None:
 def print_table(rows: List[Row], copy_gbps: Optional[float], device_name: str) -> None:
     bw = f"{copy_gbps:.0f} GB/s" if copy_gbps else "n/a"
     print(f"\ndevice: {device_name}; device-to-device copy bandwidth: {bw}")
-    head = f"{'model':6} {'stage':6} {'N':>2} {'impl':15} {'B/p':>4} {'ms':>9} {'GB/s':>7} {'%copy':>6} " \
-           f"{'x fused':>7} {'launch':>6}  sync"
+    head = f"{'model':6} {'stage':6} {'N':>2} {'impl':20} {'B/p':>4} {'ms':>9} {'GB/s':>7} {'%copy':>6} " \
+           f"{'x fused':>7} {'launch':>6} {'peak MB':>8}  sync"
     print(head)
     print("-" * len(head))
     for r in rows:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
-        line = (f"{r.model:6} {r.stage:6} {r.micro_batches:>2} {r.impl:15} {r.bytes_per_param:>4.0f} "
+        line = (f"{r.model:6} {r.stage:6} {r.micro_batches:>2} {r.impl:20} {r.bytes_per_param:>4.0f} "
                 f"{f(r.ms, '9.3f'):>9} {f(r.gbps, '7.1f'):>7} {f(r.pct_copy, '6.1f'):>6} "
-                f"{f(r.x_fused, '7.2f'):>7} {f(r.launches, 'd'):>6}  {r.sync}")
+                f"{f(r.x_fused, '7.2f'):>7} {f(r.launches, 'd'):>6} {f(r.peak_mb, '8.1f'):>8}  {r.sync}")
         if r.error:
             line += f"  ERROR {r.error}"
         print(line)
@@ -361,6 +406,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write the rows (and the copy bandwidth) as JSON")
     ap.add_argument("--models", help="comma-separated subset of " + ",".join(k for k in MODELS if k != "smoke"))
     ap.add_argument("--repeats", type=int, help="timed repeats per row (median reported)")
+    ap.add_argument("--fold", choices=("both", "batched", "param"), default="both",
+                    help="window rows of bf16 parameters with the batched fold, the per-parameter fold, or both (A/B)")
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -383,9 +430,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     copy_gbps = copy_bandwidth_gbps(device, 1 << 20 if args.smoke else 1 << 30, repeats=3 if args.smoke else 20)
     t0 = time.perf_counter()
     rows: List[Row] = []
+    bf16 = {"both": ["fastaccum-bf16", "fastaccum-bf16-param"], "batched": ["fastaccum-bf16"],
+            "param": ["fastaccum-bf16-param"]}[args.fold]
     plan = [("step", 1, ["fastaccum-bf16", "fastaccum-fp32", "torch-fused", "torch-foreach"]),
-            ("window", 1, ["fastaccum-bf16", "fastaccum-fp32", "torch-fused"]),
-            ("window", 8, ["fastaccum-bf16", "fastaccum-fp32", "torch-fused"])]
+            ("window", 1, [*bf16, "fastaccum-fp32", "torch-fused"]),
+            ("window", 8, [*bf16, "fastaccum-fp32", "torch-fused"])]
     for model in models:
         shapes = gpt_shapes(*MODELS[model])
         for stage, n_micro, impls in plan:
@@ -399,7 +448,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
         meta = dict(device=device_name, torch=torch.__version__, fastaccum=fastaccum.__version__,
-                    copy_gbps=copy_gbps, repeats=repeats, warmup=warmup, bytes_per_param_step=STEP_BYTES)
+                    copy_gbps=copy_gbps, repeats=repeats, warmup=warmup, bytes_per_param_step=STEP_BYTES,
+                    fold_cap_mb=os.environ.get("FASTACCUM_FOLD_CAP_MB"), fold=args.fold)
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, fh, indent=1)
     return 0 if all(not r.error for r in rows) else 1

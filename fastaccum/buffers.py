@@ -22,11 +22,18 @@ by the user, by gradient surgery, or by a trainer) replaces the segment, a ``Non
 fp32 parameter means "no gradient" (skipped, like torch.optim), and the fp32 view is
 attached again. Invariant: an fp32 ``p.grad`` is our view only while its segment is fresh,
 so autograd never adds into a stale segment.
+
+During a backward, the bf16/fp16 gradients of GradView parameters may wait in a
+:class:`PendingFolds` (the batched fold: one launch for many of them). The flags always say
+what the buffer means; ``pending[i]`` says segment ``i``'s bytes are still on their way, and
+every method that reads or writes a segment folds what waits first (``_sync_folds``).
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
+import os
 import weakref
 from itertools import repeat
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -134,7 +141,7 @@ class GradView(Tensor):
     def _materialize(self) -> None:
         bucket = self._bucket()
         if bucket is not None:
-            bucket.apply_scale(self._index)
+            bucket.materialize(self._index)
 
     # A copy or a pickle is a standalone view of a copy of the fp32 values: the bucket it
     # came from is not part of it (a copied optimizer recognises it by its data pointer).
@@ -195,9 +202,185 @@ def _rebuild_grad_view(inner: Tensor, dtype: torch.dtype, index: int) -> GradVie
     return GradView(inner, dtype, None, index)
 
 
+#: bytes of bf16/fp16 gradients held for one batched fold, unless FASTACCUM_FOLD_CAP_MB says otherwise
+DEFAULT_FOLD_CAP_MB = 32.0
+
+
+def fold_cap_bytes() -> int:
+    """The cap of :class:`PendingFolds`: ``FASTACCUM_FOLD_CAP_MB`` (MiB, read when an optimizer
+    is built) or :data:`DEFAULT_FOLD_CAP_MB`. 0 turns the batched fold off: every gradient is
+    folded in its own launch as it arrives (the per-parameter fold)."""
+    raw = os.environ.get("FASTACCUM_FOLD_CAP_MB", "").strip()
+    if not raw:
+        return int(DEFAULT_FOLD_CAP_MB * 2**20)
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = float("nan")
+    if not (mb >= 0 and math.isfinite(mb)):
+        raise ValueError(f"FASTACCUM_FOLD_CAP_MB={raw!r}: set it to a number of MiB >= 0 (0 folds every gradient "
+                         "in its own launch), or unset it for the default")
+    return int(mb * 2**20)
+
+
+class PendingFolds:
+    """bf16/fp16 gradients that reached their parameters' hooks and wait to be folded into the
+    fp32 buffers together, in one launch (``Backend.fold_many_``); one per optimizer and device.
+
+    Why: a backward delivers one gradient per parameter, and folding each in its own launch
+    (plus, through a GradView, a Python dispatch) makes a micro-batch of a large model cost more
+    host time than memory time. Held here instead (a reference, as DDP's reducer holds the
+    gradients of a bucket), they are folded once enough bytes have arrived.
+
+    Memory: a gradient that the per-parameter fold would free at once stays alive until the
+    flush. Adding one that brings the held bytes to ``cap`` or more flushes, so besides the
+    gradient being folded a backward holds less than ``cap`` bytes of gradients more than the
+    per-parameter fold does, plus a table of 40 bytes per gradient (and, with
+    track_noise_scale, 4 bytes per 2048 elements of partial sums).
+
+    Flushed: when the cap is reached; at the end of the backward that delivered them (a
+    callback queued on autograd's engine, which also covers ``loss.backward()`` called by the
+    user); by ``opt.backward`` when its backward raised; and before anything reads or writes a
+    segment while gradients wait (every Bucket method that does calls :meth:`Bucket._sync_folds`:
+    the step, ``clip_grad_norm_``, any use of a GradView, ``state_dict``, ``zero_grad``...).
+    A backward that raises leaves its gradients waiting, to be folded by the next of these:
+    nothing that reached a hook is lost, as with the per-parameter fold. An entry leaves the
+    queue only once its launch has been issued, so a flush that fails (and is retried) folds
+    nothing twice, and a second gradient for a segment that still has one waiting flushes first.
+    """
+
+    def __init__(self, backend: Backend, cap: int, device: torch.device) -> None:
+        self.backend = backend
+        self.cap = cap
+        self.align = backend.batched_fold_align
+        self._cuda = device.index if device.type == "cuda" else None
+        self._init_transient()
+
+    def _init_transient(self) -> None:
+        # (bucket, index, gradient, copy, the stream it was made on) in arrival order
+        self.entries: List[Tuple["Bucket", int, Tensor, bool, Any]] = []
+        self.nbytes = 0
+        self.task = -1  # the autograd graph task whose end-of-backward callback is queued
+        self.detached: List["Bucket"] = []  # buckets with views detached for the running backward
+        self.launches = 0  # batched launches issued so far (read by tests and the benchmark)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        self.finish()  # a copy holds no gradient of the original's backward
+        state = self.__dict__.copy()
+        for key in ("entries", "nbytes", "task", "detached", "launches"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_transient()
+
+    def reserve(self, task: int) -> bool:
+        """In the backward ``task`` (``torch._C._current_graph_task_id()``, -1 outside any),
+        make sure its end will flush: the callback is queued once per backward. False outside a
+        backward (the gradient is then folded at once)."""
+        if task < 0:
+            return False
+        if task != self.task:
+            if self.entries:
+                # left by a backward that raised (its end never came), or by the outer backward
+                # of a reentrant one: folded now, before anything of this backward
+                self.fold_waiting()
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            except RuntimeError:  # an engine that takes no final callbacks: fold at once
+                return False
+            self.task = task
+        return True
+
+    # What launches or moves p.grad runs eagerly: inside a backward that a compiled function
+    # called, torch.compile would otherwise trace the engine's callback (and the fold's launch).
+    @torch.compiler.disable
+    def _end_of_backward(self) -> None:
+        self.task = -1
+        self.finish()
+
+    def add(self, bucket: "Bucket", i: int, grad: Tensor, copy: bool, nbytes: int) -> None:
+        """Hold ``grad`` for segment ``i`` of ``bucket`` (after :meth:`reserve`)."""
+        stream = torch._C._cuda_getCurrentStream(self._cuda) if self._cuda is not None else None
+        self.entries.append((bucket, i, grad, copy, stream))
+        bucket.pending[i] = True
+        bucket._n_pending += 1
+        self.nbytes += nbytes
+        if self.nbytes >= self.cap:
+            self.fold_waiting()
+
+    @torch.compiler.disable
+    def fold_waiting(self) -> None:
+        """Fold every waiting gradient: one launch per source dtype (one, but for a mix of bf16
+        and fp16 parameters)."""
+        while self.entries:
+            self._fold_some()
+
+    @torch.compiler.disable
+    def finish(self) -> None:
+        """The backward is over: fold what waits and give the views detached for it back to
+        ``p.grad`` (the parameters that got no gradient in it keep theirs)."""
+        self.fold_waiting()
+        if self.detached:
+            buckets, self.detached = self.detached, []
+            for b in buckets:
+                b._reattach_views()
+
+    def _fold_some(self) -> None:
+        """One launch: the waiting gradients of the first entry's dtype (grouped by bucket when
+        measured, so that each bucket's sum of squares is one slice of the partial sums)."""
+        dtype = self.entries[0][2].dtype
+        group = [e for e in self.entries if e[2].dtype == dtype]
+        measure = any(e[0].measure for e in group)
+        if measure:
+            order = {b: k for k, b in enumerate(dict.fromkeys(e[0] for e in group))}
+            group.sort(key=lambda e: order[e[0]])
+        srcs = [e[2] for e in group]
+        dsts = [e[0].grad_views[e[1]] for e in group]
+        copy = [e[3] for e in group]
+        fold = self.backend.fold_many_
+        if self._cuda is not None:
+            self._order_streams(group)
+            if torch.cuda.is_current_stream_capturing():
+                # a graph being captured would replay the table's host copy with whatever the
+                # pinned buffer holds then: one op per gradient instead
+                fold = functools.partial(Backend.fold_many_, self.backend)
+        partials, first = fold(srcs, dsts, copy, measure)
+        # issued: from here on these entries are folded, whatever happens next
+        self.launches += 1
+        self.entries = [e for e in self.entries if e[2].dtype != dtype]
+        self.nbytes = sum(e[0]._fold_bytes[e[1]] for e in self.entries)
+        k = 0
+        while k < len(group):
+            b = group[k][0]
+            k0 = k
+            while k < len(group) and group[k][0] is b:
+                b.pending[group[k][1]] = False
+                k += 1
+            b._n_pending -= k - k0
+            if b.measure and partials is not None:
+                b._add_micro_sumsq(partials[first[k0]:first[k]].sum(dtype=torch.float64))
+
+    def _order_streams(self, group: List[Tuple["Bucket", int, Tensor, bool, Any]]) -> None:
+        """A gradient made on another stream than the one folding it (hooks run on the stream of
+        their parameter's backward): wait for that stream, and keep the gradient's memory from
+        being reused by it before the fold has read it."""
+        here = torch._C._cuda_getCurrentStream(self._cuda)
+        others = {e[4] for e in group} - {here}
+        if not others:
+            return
+        current = torch.cuda.current_stream(self._cuda)
+        for sid, index, kind in others:
+            current.wait_stream(torch.cuda.Stream(stream_id=sid, device_index=index, device_type=kind))
+        for e in group:
+            if e[4] != here:
+                e[2].record_stream(current)
+
+
 class Bucket:
     def __init__(self, params: List[Tensor], group_index: int, backend: Backend, with_buffer: bool = True,
-                 grad_views: bool = True) -> None:
+                 grad_views: bool = True, folds: Optional[PendingFolds] = None) -> None:
         self.params = params
         self.group_index = group_index
         self.device = params[0].device
@@ -242,6 +425,7 @@ class Bucket:
         # or the DTensor over the view under FSDP2), made once per parameter
         self._wrappers: List[Optional[Tensor]] = [None] * len(params)
         self._init_fast_state()
+        self._init_folds(folds)
         # scale[i]: a factor applied to a fresh segment's gradient through its GradView (a
         # trainer's clip) and not written into the buffer yet: the update folds it into its
         # multiplier, so clipping costs no pass of its own.
@@ -262,6 +446,23 @@ class Bucket:
         self.micro_sumsq: Any = 0.0
         self.micro_seen: set = set()
         self.micro_missed = False
+
+    def _init_folds(self, folds: Optional[PendingFolds]) -> None:
+        # The batched fold: the gradients of GradView parameters wait in ``folds`` (shared by the
+        # optimizer's buckets on this device) during a backward, and are folded in groups.
+        #   pending[i]:  a gradient for segment i waits there
+        #   detached[i]: opt.backward set p.grad None over fresh segment i for its backward, so
+        #                that autograd hands the gradient to the hook instead of adding it through
+        #                the GradView (a Python dispatch per parameter); the hook adds it
+        n = len(self.params)
+        self.folds = folds if folds is not None and any(self.grad_viewed) else None
+        self.pending = [False] * n
+        self.detached = [False] * n
+        self._n_pending = 0
+        self._n_detached = 0
+        size = torch.empty((), dtype=self.dtype).element_size()
+        self._fold_bytes = [n * size for n in self.numels]  # what each held gradient keeps alive
+        self._micro_sumsq_dev: Optional[Tensor] = None  # measured by batched folds, summed on the device
 
     @property
     def low_precision(self) -> bool:
@@ -306,6 +507,7 @@ class Bucket:
     def __getstate__(self) -> Dict[str, Any]:
         # a copy gets its own GradViews; the recorded scales are written first so the copy's
         # buffer holds the gradient as it is
+        self._sync_folds()
         self.apply_scales()
         state = self.__dict__.copy()
         state["_wrappers"] = [None] * len(self.params)
@@ -317,8 +519,97 @@ class Bucket:
         self.__dict__.setdefault("device_measures", False)  # pickled before it existed
         if "external" not in state:  # pickled before these existed
             self._init_fast_state()
+        if "pending" not in state:  # pickled before the batched fold: folds gradients one by one
+            self._init_folds(None)
         self.seg_sumsq = [None] * len(self.params)  # a copy's buffer has its own version counter
         self._known_version = -1
+
+    # ------------------------------------------------------------ the batched fold
+    def _sync_folds(self) -> None:
+        """Fold every gradient still waiting for this bucket's segments and re-attach the views
+        detached for a backward: called first by every method that reads or writes a segment,
+        or reads ``p.grad`` (a no-op, two integer tests, when nothing waits)."""
+        if self._n_pending or self._n_detached:
+            self.folds.finish()
+
+    def _sync_segment(self, i: int) -> None:
+        """Before segment ``i`` alone is read or written: fold what waits for it (with the rest)."""
+        if self.pending[i]:
+            self.folds.fold_waiting()
+
+    @torch.compiler.disable
+    def finish_folds(self) -> None:
+        """The backward is over (or raised): nothing of it waits any more."""
+        self._sync_folds()
+
+    def _pend(self, i: int, grad: Tensor, copy: bool) -> bool:
+        """Hold ``grad`` (this micro-batch's gradient of parameter ``i``) for the batched fold:
+        ``copy`` makes it the segment (a stale one, or a gradient that replaces the window's),
+        else it is added. False when it cannot wait: outside a backward, or a gradient the
+        kernel cannot read as it is (another dtype, strided, misaligned, a subclass)."""
+        # (this runs once per parameter and micro-batch: every call here is host time)
+        folds = self.folds
+        if (type(grad) is not Tensor or grad.dtype is not self.dtype or grad.requires_grad or not self.numels[i]
+                or grad.numel() != self.numels[i] or not grad.is_contiguous() or grad.data_ptr() % folds.align):
+            return False
+        if self.pending[i]:
+            folds.fold_waiting()  # (a backward that raised left one waiting) segment i gets them in order
+        task = torch._C._current_graph_task_id()
+        if task < 0 or (task != folds.task and not folds.reserve(task)):
+            return False
+        if copy:
+            self._mark_fresh(i)
+        elif self.scale[i] != 1.0:
+            self.apply_scale(i)  # a trainer's recorded clip applies to what came before
+        self._wrote(self.grad._version, i, None)  # the segment changes: no cached sum of squares holds
+        if self.measure:
+            self.micro_seen.add(i)  # its sum of squares comes with the flush
+        folds.add(self, i, grad, copy, self._fold_bytes[i])
+        return True
+
+    @torch.compiler.disable
+    def detach_for_batched_fold(self) -> None:
+        """``opt.backward`` is about to run a backward: the GradViews of fresh segments leave
+        ``p.grad``, so that autograd hands each new gradient to the hook (which holds it for
+        the batched fold, as an add) instead of adding it through the GradView. The views come
+        back when the backward ends (the views of parameters that got no gradient included)."""
+        if self.folds is None:
+            return
+        n = 0
+        wrappers, fresh, det = self._wrappers, self.fresh, self.detached
+        for i, p in enumerate(self.params):
+            w = wrappers[i]
+            if w is not None and fresh[i] and not det[i] and p.grad is w:
+                p.grad = None
+                det[i] = True
+                n += 1
+        if n:
+            self._n_detached += n
+            self.folds.detached.append(self)
+
+    def _reattach_views(self) -> None:
+        """The backward ended: every view still detached goes back to ``p.grad``."""
+        if not self._n_detached:
+            return
+        for i, p in enumerate(self.params):
+            if not self.detached[i]:
+                continue
+            self.detached[i] = False
+            self._n_detached -= 1
+            g = p.grad
+            if g is not None and not self.owns_grad(i, g):
+                # autograd delivered a gradient that no hook of ours saw (a hook before ours
+                # raised): it was meant to be added to the fresh segment, as through the view
+                self.receive(i, local(g), measured=True)
+            p.grad = self._attached(i)
+
+    def _add_micro_sumsq(self, s: Tensor) -> None:
+        """The sum of squares (an fp64 device value) of this bucket's gradients in a batched fold:
+        kept on the device (resident step: never read; host step: read once per micro-batch)."""
+        if self.device_measures:
+            self.micro_sumsq = s if not isinstance(self.micro_sumsq, Tensor) else self.micro_sumsq + s
+        else:
+            self._micro_sumsq_dev = s if self._micro_sumsq_dev is None else self._micro_sumsq_dev + s
 
     # ------------------------------------------------------------ writes we make
     def _wrote(self, version_before: int, i: int, sumsq: Optional[float]) -> None:
@@ -333,6 +624,7 @@ class Bucket:
         """Fold an incoming gradient into segment ``i``: add when fresh, overwrite when stale.
         ``measured``: a micro-batch's gradient from a hook (its squared norm is recorded when
         ``measure`` is on)."""
+        self._sync_segment(i)
         if self.fresh[i]:
             self.apply_scale(i)
             self._accumulate(i, grad, 1.0, measured)
@@ -360,7 +652,7 @@ class Bucket:
         if self.device_measures and isinstance(s, Tensor):
             # summed in fp64 on the device, one op per fold (add promotes and scales in fp64)
             s = s.detach().reshape(())
-            if not self.micro_seen:
+            if not isinstance(self.micro_sumsq, Tensor):  # (a batched fold's gradients may be seen, not summed yet)
                 s = s.to(torch.float64)
                 self.micro_sumsq = s * factor if factor != 1.0 else s
             else:
@@ -371,6 +663,7 @@ class Bucket:
 
     def assign(self, i: int, grad: Tensor, measured: bool = False) -> None:
         """Make segment ``i`` exactly ``grad`` (a p.grad that is the whole gradient)."""
+        self._sync_segment(i)
         v0 = self.grad._version
         self.grad_views[i].copy_(local(grad).reshape(self.grad_views[i].shape))
         self._wrote(v0, i, None)
@@ -383,7 +676,12 @@ class Bucket:
     def take_micro_sumsq(self) -> Tuple[Any, bool]:
         """(squared norm of the micro-batch that just ended, whether every gradient of it was
         measured); resets the counters for the next micro-batch."""
-        out = (self.micro_sumsq, not self.micro_missed)
+        self._sync_folds()
+        total = self.micro_sumsq
+        if self._micro_sumsq_dev is not None:  # the host step's batched folds: one read per micro-batch
+            total += float(self._micro_sumsq_dev)
+            self._micro_sumsq_dev = None
+        out = (total, not self.micro_missed)
         self.micro_sumsq = 0.0
         self.micro_seen = set()
         self.micro_missed = False
@@ -391,6 +689,7 @@ class Bucket:
 
     def zero_segment(self, i: int) -> None:
         """A zero gradient for parameter ``i`` (``zero_grad(set_to_none=False)``)."""
+        self._sync_segment(i)
         v0 = self.grad._version
         self.grad_views[i].zero_()
         self._wrote(v0, i, 0.0)
@@ -405,6 +704,7 @@ class Bucket:
 
     def consume(self, i: int) -> None:
         """Segment ``i`` was used (or dropped): its values are now logically zero."""
+        self._sync_segment(i)
         self.reduced[i] = False
         self.scale[i] = 1.0
         self.external[i] = None
@@ -415,6 +715,7 @@ class Bucket:
 
     def clean(self, idx=None) -> None:
         """Zero stale segments that may hold old values (before reading them as zeros)."""
+        self._sync_folds()
         for i in range(len(self.params)) if idx is None else idx:
             if self.garbage[i]:
                 v0 = self.grad._version
@@ -426,6 +727,7 @@ class Bucket:
     def update_grads(self, idx: Sequence[int]) -> List[Tensor]:
         """The gradient tensor of each parameter in ``idx``: its segment, or the user's
         tensor read in place."""
+        self._sync_folds()
         ext, views = self.external, self.grad_views
         return [views[i] if ext[i] is None else ext[i] for i in idx]
 
@@ -435,6 +737,7 @@ class Bucket:
 
     def own_external(self) -> None:
         """Copy the gradients read in place into their segments (a checkpoint saves the buffer)."""
+        self._sync_folds()
         for i, g in enumerate(self.external):
             if g is not None:
                 self.assign(i, g)
@@ -445,6 +748,7 @@ class Bucket:
         user's tensors read in place (stale segments are zeros). None when this backend has
         no host-side sum of squares and no fused sums are cached: the caller then runs the
         backend's norm pass over the buffer, and adds :meth:`external_sumsq`."""
+        self._sync_folds()
         fresh = self.fresh
         cached = self.seg_sumsq
         if self.grad._version == self._known_version and all(
@@ -467,6 +771,7 @@ class Bucket:
     def settled(self) -> bool:
         """Every ``p.grad`` is the very view attached to its fresh segment (what a backward
         over the whole model leaves): there is nothing to fold, and every parameter is live."""
+        self._sync_folds()
         if self.grad is None or self.sharded or not all(self.fresh) or not all(self.live) or any(self.ddp_wrote):
             return False
         exp = self._expected
@@ -497,6 +802,11 @@ class Bucket:
         """``p.grad += alpha * grad`` on a GradView (autograd's accumulation): the fused fold.
         False when it is not a plain gradient of the parameter's shape (the caller does the op)."""
         view = self.grad_views[i]
+        if (self.folds is not None and not isinstance(alpha, Tensor) and alpha == 1 and self.fresh[i]
+                and type(grad) is Tensor and grad.shape == view.shape and grad.device == view.device
+                and self._pend(i, grad, copy=False)):
+            return True  # inside a backward: held for the batched fold
+        self._sync_segment(i)
         if not (self.fresh[i] and isinstance(grad, Tensor) and grad.shape == view.shape
                 and grad.device == view.device and grad.dtype in (torch.float32, torch.bfloat16, torch.float16)
                 and not grad.is_sparse and not isinstance(alpha, Tensor)):
@@ -509,6 +819,7 @@ class Bucket:
                      dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
         """The norm of segment ``i``'s gradient (its recorded scale included), in fp32 or
         ``dtype``; None for what the caller must compute itself (a norm over some dims)."""
+        self._sync_folds()
         if dim is not None or keepdim or not self.fresh[i]:
             return None
         view = self.grad_views[i]
@@ -523,6 +834,7 @@ class Bucket:
     def defer_scale(self, i: int, coef: Any) -> bool:
         """``p.grad.mul_(coef)`` on a GradView: record a finite scalar ``coef >= 0`` instead of
         writing the segment. False for anything else (the caller does the op)."""
+        self._sync_folds()
         if isinstance(coef, Tensor):
             if coef.numel() != 1 or coef.dim() != 0 or coef.is_complex():
                 return False
@@ -538,13 +850,20 @@ class Bucket:
     def apply_scale(self, i: int) -> None:
         """Write segment ``i``'s recorded scale into the buffer."""
         if self.scale[i] != 1.0:
+            self._sync_segment(i)  # the scale applies to the gradient waiting too
             if self.fresh[i]:
                 v0 = self.grad._version
                 self.grad_views[i].mul_(self.scale[i])
                 self._wrote(v0, i, None)
             self.scale[i] = 1.0
 
+    def materialize(self, i: int) -> None:
+        """Segment ``i`` as ``p.grad`` means it: a gradient waiting for it folded, its scale applied."""
+        self._sync_segment(i)
+        self.apply_scale(i)
+
     def apply_scales(self) -> None:
+        self._sync_folds()
         if self.scale.count(1.0) == len(self.scale):
             return
         for i in range(len(self.params)):
@@ -585,6 +904,7 @@ class Bucket:
         """Registration: expose the buffer and keep a gradient computed before the optimizer existed."""
         if self.grad is None:
             return
+        self._sync_folds()
         p = self.params[i]
         existing = p.grad
         if self.low_precision:
@@ -603,9 +923,27 @@ class Bucket:
         a window), so an fp32 gradient that autograd did not add into our view (the user
         called ``model.zero_grad()`` between micro-batches) is added to the fresh segment
         instead of replacing the window's earlier micro-batches, as for bf16/fp16.
+        A bf16/fp16 gradient (GradView parameters) waits for the batched fold where it can.
         """
         p = self.params[i]
         g = p.grad
+        if self.folds is not None and self.grad_viewed[i] and g is not None:
+            if self.detached[i]:
+                # opt.backward detached the view of this fresh segment: autograd handed the
+                # gradient over, and it is added (held for the batched fold where it can wait)
+                self.detached[i] = False
+                self._n_detached -= 1
+                if not self._pend(i, g, copy=not self.fresh[i]):
+                    self.receive(i, local(g), measured=True)
+                w = self._wrappers[i]
+                p.grad = w if w is not None else self._attached(i)
+                return
+            if not self.owns_grad(i, g) and self._pend(
+                    i, g, copy=not (add_to_fresh and self.fresh[i])):
+                # as below (add into a fresh segment in managed mode, else replace it), later
+                w = self._wrappers[i]
+                p.grad = w if w is not None else self._attached(i)
+                return
         if self.low_precision and not self.grad_viewed[i]:
             self.receive(i, local(g), measured=True)  # add into a fresh segment, overwrite a stale one
             p.grad = None  # the bf16/fp16 gradient never outlives this hook
@@ -634,6 +972,7 @@ class Bucket:
 
     def foreign_grads(self) -> Iterator[Tuple[int, Tensor, Optional[Tensor]]]:
         """(i, param, p.grad) for every parameter whose p.grad is not our view (or that moved device)."""
+        self._sync_folds()
         for i, p in enumerate(self.params):
             g = p.grad
             if p.device != self.device or (g is not None and not self.owns_grad(i, g)):
@@ -641,6 +980,7 @@ class Bucket:
 
     def fold_user_grads(self) -> bool:
         """Make the segments hold exactly what ``p.grad`` means now; True when a segment changed."""
+        self._sync_folds()
         changed = False
         for i, p in enumerate(self.params):
             g = p.grad
@@ -685,6 +1025,7 @@ class Bucket:
 
     def clear(self, set_to_none: bool) -> None:
         """``zero_grad``: no gradients (set_to_none) or zero gradients for those that had one."""
+        self._sync_folds()
         for i, p in enumerate(self.params):
             if set_to_none:
                 self.consume(i)
@@ -698,6 +1039,7 @@ class Bucket:
         """The window's gradients are used: segments go stale, fp32 views are detached so
         that the next backward hands autograd's gradient over instead of adding to them
         (and a user's gradient read in place is released, as a copied one would have been)."""
+        self._sync_folds()
         n = len(self.params)
         if settled:  # every p.grad is its attached view (settled() said so, and nothing ran since)
             for p in self.params:
@@ -719,6 +1061,7 @@ class Bucket:
     def consume_one(self, i: int) -> None:
         """step_in_backward: parameter ``i`` was updated in its hook from its segment, which
         goes stale; its fp32 view is detached (as :meth:`consume_all` does for all)."""
+        self._sync_folds()
         self.consume(i)
         p = self.params[i]
         if p.grad is not None and self.owns_grad(i, p.grad):
@@ -727,6 +1070,7 @@ class Bucket:
     def zero_stale(self, idx: Sequence[int]) -> None:
         """A live parameter without a fresh segment (nor a gradient read in place) has a zero
         gradient: make it read as one."""
+        self._sync_folds()
         if self.fresh.count(False) == 0:
             return
         self.clean([i for i in idx if not self.fresh[i] and self.external[i] is None])
@@ -738,6 +1082,7 @@ class Bucket:
 
     def restore(self, buf: Optional[Tensor], live: Sequence[bool], fresh: Sequence[bool]) -> None:
         """Load a saved window: the partial gradients and which segments hold them."""
+        self._sync_folds()
         self.live = list(live)
         self.scale = [1.0] * len(self.params)
         self.external = [None] * len(self.params)
@@ -779,6 +1124,7 @@ class Bucket:
         """
         if self.grad is None:
             return
+        self._sync_folds()
         for i in range(len(self.params)) if idx is None else idx:
             p = self.params[i]
             mg = getattr(p, "main_grad", None)
@@ -826,6 +1172,7 @@ class Bucket:
         gradient: fresh, so that later gradients add to it. Whether the parameter is *live*
         (had a gradient on some rank) is decided at step time, across ranks.
         """
+        self._sync_folds()
         idx = sorted(idx)
         self.clean([i for i in idx if not self.fresh[i]])
         for i in idx:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .arguments import document_args
 from .backends import get_backend, resolve_backend
-from .buffers import Bucket, is_sharded, local
+from .buffers import Bucket, PendingFolds, fold_cap_bytes, is_sharded, local
 from .checkpoint import CheckpointMixin
 from .checks import as_float, check_scalar_tensor
 from .distributed import DistributedMixin, check_param_kind, ddp_comm_hook
@@ -350,12 +350,25 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             # reduced back into it): bf16/fp16 gradients are then released in the hook and
             # reduced by ddp_comm_hook from the fp32 buffer, never exposed as GradViews.
             bucket = Bucket(ps, group_index, backend, with_buffer=not self._no_buffer,
-                            grad_views=dist_world() is None)
+                            grad_views=dist_world() is None, folds=self._folds_for(backend, device, dtype))
             bucket.measure = self.track_noise_scale
             bucket.device_measures = self._resident is not None
             self._add_bucket(bucket)
         if self._resident is not None:
             self._adopt_device_steps()
+
+    def _folds_for(self, backend: Any, device: torch.device, dtype: torch.dtype) -> Optional[PendingFolds]:
+        """The batched fold of this device's bf16/fp16 buckets (one per device, shared), where the
+        backend has one and FASTACCUM_FOLD_CAP_MB is not 0; None: each gradient folds on arrival.
+        step_in_backward keeps folding on arrival: the window's last gradient of a parameter is
+        read right after its hook, and earlier ones would wait only to be flushed one by one."""
+        if dtype not in _LOW_PRECISION or self.step_in_backward or not backend.batched_fold:
+            return None
+        for b in self._buckets:
+            if b.folds is not None and b.device == device and b.folds.backend is backend:
+                return b.folds
+        cap = fold_cap_bytes()
+        return PendingFolds(backend, cap, device) if cap > 0 else None
 
     def _add_bucket(self, bucket: Bucket) -> None:
         bi = len(self._buckets)
@@ -612,7 +625,17 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             # norm in their pass, so the step reads the buffer once, in the update
             for bucket in self._buckets:
                 bucket.detach_for_fused_norm()
-        (loss * factor if isinstance(factor, Tensor) or factor != 1.0 else loss).backward(**backward_kwargs)
+        for bucket in self._buckets:
+            # bf16/fp16 gradients reach the hooks as plain tensors, held for the batched fold
+            bucket.detach_for_batched_fold()
+        try:
+            (loss * factor if isinstance(factor, Tensor) or factor != 1.0 else loss).backward(**backward_kwargs)
+        finally:
+            # normally done by the end of the backward itself; after an error in it, the
+            # gradients that reached their hooks are folded (kept, as the per-parameter fold
+            # keeps them) and the views are back
+            for bucket in self._buckets:
+                bucket.finish_folds()
         self._window.commit(w)
 
     def _norm_wanted(self) -> bool:

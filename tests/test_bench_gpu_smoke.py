@@ -20,7 +20,10 @@ def test_bench_gpu_smoke(tmp_path):
     rows = data["rows"]
     impls = {(r["stage"], r["micro_batches"], r["impl"]) for r in rows}
     assert ("step", 1, "torch-fused") in impls and ("window", 8, "fastaccum-bf16") in impls
+    # the A/B of the bf16 fold: the batched fold (default) and the per-parameter one
+    assert ("window", 8, "fastaccum-bf16-param") in impls and ("step", 1, "fastaccum-bf16-param") not in impls
+    assert data["meta"]["fold"] == "both"
     for r in rows:
         assert not r["error"], r
         assert r["ms"] > 0 and r["bytes_per_param"] > 0
-    assert "x fused" in proc.stdout
+    assert "x fused" in proc.stdout and "peak MB" in proc.stdout

@@ -1,9 +1,11 @@
-"""Every kernel variant fastaccum.backends.triton_kernels launches compiles for real GPUs
-(sm_80, sm_90) without a GPU, with 128-bit vector loads on the flat streams and no spills.
+"""Every kernel variant fastaccum.backends.triton_kernels (and triton_fold, the batched fold)
+launches compiles for real GPUs (sm_80, sm_90) without a GPU, with 128-bit vector loads on the
+flat streams and no spills.
 
-The variant list comes from ``triton_kernels.specializations()``, the same functions the
-launchers use. Pointer arguments get ``tt.divisibility=16``, as Triton's launcher gives any
-16-byte aligned tensor (the flat buffers and their 16-element-aligned views are).
+The variant list comes from ``triton_kernels.specializations()`` and
+``triton_fold.specializations()``, the same functions the launchers use. Pointer arguments
+get ``tt.divisibility=16``, as Triton's launcher gives any 16-byte aligned tensor (the flat
+buffers and their 16-element-aligned views are; the batched fold's sources are checked to be).
 Spills: the cubin Triton assembled must use no local memory and no stack (``cuobjdump
 -res-usage``, shipped with Triton; and ptxas's own report of stack frame and spill bytes, which
 Triton prints with ``TRITON_DUMP_PTXAS_LOG=1``), and the PTX must have no ``.local`` space.
@@ -95,6 +97,7 @@ def _compile_all(out_path):
     from triton.backends.compiler import GPUTarget
 
     sys.path.insert(0, ROOT)
+    from fastaccum.backends import triton_fold as F
     from fastaccum.backends import triton_kernels as K
 
     def build(spec, arch, extra_attrs=()):
@@ -122,20 +125,22 @@ def _compile_all(out_path):
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        specs = list(K.specializations())
+        specs = list(K.specializations()) + list(F.specializations())
         for spec in specs:
             for arch in ARCHS:
                 compiled, ptxas = build(spec, arch)
                 ptx = compiled.asm["ptx"]
                 results.append(dict(name=_name(spec), kernel=spec.kernel.fn.__name__, arch=arch,
                                     constexprs={k: str(v) for k, v in spec.constexprs.items()},
-                                    loads=re.findall(r"ld\.global[.\w]*", ptx), local=".local" in ptx,
+                                    loads=re.findall(r"ld\.global[.\w]*", ptx),
+                                    stores=re.findall(r"st\.global[.\w]*", ptx), local=".local" in ptx,
                                     res=resources(compiled.asm["cubin"], tmp), ptxas=ptxas,
                                     zero_minus=_subtractions_from_zero(ptx)))
         # accumulate_ on a length that is a multiple of 16 (Triton specialises that): vectorised
         ptx = build(K._accumulate_spec(torch.bfloat16, False), 90, extra_attrs=("n",))[0].asm["ptx"]
         extra = dict(accumulate_n16_loads=re.findall(r"ld\.global[.\w]*", ptx), n_specs=len(specs),
-                     names=[_name(s) for s in specs], triton=triton.__version__)
+                     names=[_name(s) for s in specs], triton=triton.__version__, block=K.BLOCK,
+                     num_warps=K.NUM_WARPS)
     with open(out_path, "w") as fh:
         json.dump({"results": results, **extra}, fh)
 
@@ -156,7 +161,10 @@ def compiled(tmp_path_factory):
 
 def test_variant_list_covers_every_launcher(compiled):
     kernels = {r["kernel"] for r in compiled["results"]}
-    assert kernels == {"_sumsq_kernel", "_finalize_kernel", "_adam_kernel", "_sgd_kernel", "_accumulate_kernel"}
+    assert kernels == {"_sumsq_kernel", "_finalize_kernel", "_adam_kernel", "_sgd_kernel", "_accumulate_kernel",
+                       "_fold_kernel"}
+    fold = {r["name"] for r in compiled["results"] if r["kernel"] == "_fold_kernel"}
+    assert len(fold) == 4, f"bf16/fp16 sources, with and without the sums of squares: {sorted(fold)}"
     assert len(compiled["names"]) == len(set(compiled["names"])) == compiled["n_specs"], "duplicate variants"
 
 
@@ -174,6 +182,15 @@ def test_every_variant_compiles_vectorised_without_spills(compiled):
                 problems.append(f"{where}: {n_v4} vector loads for {streams} flat streams")
         elif r["kernel"] in ("_sumsq_kernel", "_sgd_kernel") and n_v4 == 0:
             problems.append(f"{where}: no vector loads of the flat gradient: {sorted(set(r['loads']))}")
+        elif r["kernel"] == "_fold_kernel":
+            # a full tile streams its 16-bit source and its fp32 segment in 128-bit accesses:
+            # per thread BLOCK / threads elements, 8 source or 4 fp32 elements per access
+            per_thread = compiled["block"] // (32 * compiled["num_warps"])
+            src_v4, dst_v4 = per_thread // 8, per_thread // 4
+            stores_v4 = sum(".v4" in st for st in r["stores"])
+            if n_v4 < src_v4 + dst_v4 or stores_v4 < dst_v4:
+                problems.append(f"{where}: {n_v4} vector loads / {stores_v4} vector stores, expected at least "
+                                f"{src_v4 + dst_v4} / {dst_v4} (source + segment)")
         res = r["res"]
         if res is not None and (res.get("local") != 0 or res.get("stack") != 0):
             problems.append(f"{where}: spills to local memory / stack (cuobjdump): {res}")
@@ -199,7 +216,8 @@ def test_resource_reports_are_read(compiled):
 
 
 # ------------------------------------------------------------------ signs of zero
-_KERNEL_SOURCES = ("fastaccum/backends/triton_kernels.py", "fastaccum/backends/triton_backend.py")
+_KERNEL_SOURCES = ("fastaccum/backends/triton_kernels.py", "fastaccum/backends/triton_backend.py",
+                   "fastaccum/backends/triton_fold.py")
 
 
 def _jit_functions(tree):

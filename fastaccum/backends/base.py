@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -132,6 +132,12 @@ class Backend(abc.ABC):
     #: True when ``adam_`` takes ``AdamSegments.step_counts`` and counts the steps itself
     counts_steps: ClassVar[bool] = False
 
+    #: True when :meth:`fold_many_` folds many bf16/fp16 gradients in one launch: the buckets then
+    #: hold the gradients that arrive during a backward and fold them in groups (buffers.PendingFolds)
+    batched_fold: ClassVar[bool] = False
+    #: the byte alignment a source of :meth:`fold_many_` must have (its vector loads)
+    batched_fold_align: ClassVar[int] = 16
+
     def supports(self, device: torch.device) -> bool:
         return device.type in self.device_types
 
@@ -148,6 +154,27 @@ class Backend(abc.ABC):
         a fused side output override it."""
         self.accumulate_(dst, src, alpha)
         return self.sumsq(src)
+
+    def fold_many_(self, srcs: Sequence[Tensor], dsts: Sequence[Tensor], copy: Sequence[bool],
+                   sumsq: bool = False) -> Tuple[Optional[Tensor], List[int]]:
+        """``dsts[k].copy_(srcs[k])`` where ``copy[k]`` (a stale segment), else ``dsts[k] += srcs[k]``;
+        ``dsts`` fp32 views of the buffer, ``srcs`` bf16/fp16 gradients of as many elements.
+
+        Returns (``partials``, ``first``): with ``sumsq``, fp32 partial sums of squares of the
+        sources such that ``partials[first[k]:first[k + 1]]`` sums to ``|srcs[k]|²`` (else None);
+        ``first`` has one entry per pair plus the total. This default runs one op per pair (the
+        reference, and what a backend without a batched kernel would do); the triton backend
+        folds every pair in one launch."""
+        partials = []
+        for s, d, c in zip(srcs, dsts, copy):
+            s = s.reshape(d.shape)
+            if c:
+                d.copy_(s)
+            else:
+                d.add_(s)
+            if sumsq:
+                partials.append(self.sumsq(s).reshape(1))
+        return (torch.cat(partials) if sumsq else None), list(range(len(srcs) + 1))
 
     def sumsq(self, t: Tensor) -> Tensor:
         """``sum(t**2)`` of a flat tensor as a 0-dim fp32 tensor (the norm pass, squared)."""
