@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from typing import Dict, List, Optional
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Across ranks: DDP on two CPU processes (gloo) with different token counts per rank; the
 update equals the global token-weighted mean computed in one process."""
-import copy
 import os
 import sys
 

@@ -3,7 +3,7 @@ known covariance: per-unit gradient = G + N(0, σ² I) in d dims, so B_simple = 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastaccum
-from conftest import OddNet, batches, make_pair
+from conftest import batches, make_pair
 
 KINDS = {
     "adamw": (fastaccum.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
