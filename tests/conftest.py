@@ -47,6 +47,24 @@ class OddNet(nn.Module):
         ]
 
 
+def finish_rank() -> None:
+    """The end of a spawned rank whose results are on disk.
+
+    Every rank is done (rank 0's result file is written and closed) before any tears gloo
+    down. Then leave without the interpreter's shutdown: a gloo worker thread that frees a
+    finished collective's tensors after Python started shutting down cannot take the GIL and
+    aborts the process ("terminate called without an active exception"; about 1 run in 15
+    here), which would fail a test whose results are already on disk. (DDP and FSDP2 keep the
+    process group alive here, so destroy_process_group cannot join those threads first, as
+    examples/ddp.py does.)
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def make_pair(dtype: torch.dtype = torch.float32, seed: int = 0):
     torch.manual_seed(seed)
     a = OddNet(dtype=dtype)

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import fastaccum
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import OddNet  # noqa: E402
+from conftest import OddNet, finish_rank  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 
@@ -103,9 +103,7 @@ def _worker(rank, init_file, out_dir):
     }
     out["warned_without_clip"] = _no_hook_error.warned
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # see test_distributed._finish
+    finish_rank()
 
 
 @pytest.fixture(scope="module")

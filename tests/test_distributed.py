@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import fastaccum
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import OddNet  # noqa: E402
+from conftest import OddNet, finish_rank  # noqa: E402
 
 WORLD = 2
 STEPS = 3
@@ -22,19 +22,6 @@ LENGTHS = {0: (2, 9, 1), 1: (6, 3, 4)}
 def _data(rank, step):
     g = torch.Generator().manual_seed(100 * step + rank)
     return [torch.randn(1, n, 7, generator=g) for n in LENGTHS[rank]]
-
-
-def _finish():
-    # Every rank is done (rank 0's result file is written and closed) before any tears
-    # gloo down. Then leave without the interpreter's shutdown: a gloo worker thread that
-    # frees a finished collective's tensors after Python started shutting down cannot take
-    # the GIL and aborts the process ("terminate called without an active exception"; about
-    # 1 run in 15 here), which would fail a test whose results are already on disk. (DDP
-    # keeps the process group alive here, so destroy_process_group cannot join those threads
-    # first, as examples/ddp.py does.)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
 
 
 def _worker(rank, init_file, out_file):
@@ -55,7 +42,7 @@ def _worker(rank, init_file, out_file):
             opt.zero_grad()
     if rank == 0:
         torch.save(model.module.state_dict(), out_file)
-    _finish()
+    finish_rank()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
@@ -89,7 +76,7 @@ def _inf_worker(rank, init_file, out_file):
         opt.zero_grad()
     if rank == 0:
         torch.save({"skipped": opt.skipped_steps, "scale": opt.loss_scale, "p": p.detach()}, out_file)
-    _finish()
+    finish_rank()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
@@ -124,7 +111,7 @@ def _noise_worker(rank, init_file, out_file):
                             unestimable=est.unestimable_windows, value=est.value, g2=est.g2, trace=est.trace)
     if rank == 0:
         torch.save(got, out_file)
-    _finish()
+    finish_rank()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")

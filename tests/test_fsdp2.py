@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import fastaccum
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import OddNet  # noqa: E402
+from conftest import OddNet, finish_rank  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 
@@ -200,9 +200,7 @@ def _worker(rank, init_file, out_dir):
         out["refused"] = str(e)
 
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # see test_distributed._finish
+    finish_rank()
 
 
 @pytest.fixture(scope="module")
