@@ -8,6 +8,7 @@ from typing import Dict, List
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # No GPU here: Triton kernels run in Triton's interpreter on CPU tensors. This must be set
 # before triton decorates any kernel, i.e. before fastaccum's triton backend is imported.
@@ -45,6 +46,25 @@ class OddNet(nn.Module):
             {"params": [self.w1, self.b1, self.big, self.unused]},
             {"params": [self.w2, self.scale, self.odd], "lr": lr * 0.5, "weight_decay": 0.0},
         ]
+
+
+# what a host read of a device value dispatches (.item(), float(t), bool(t), .tolist())
+HOST_SYNC_OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+
+
+class AtenOps(TorchDispatchMode):
+    """The aten ops dispatched while the mode is on, in order (``seen``); with ``keep``, only
+    those it accepts (e.g. ``HOST_SYNC_OPS.__contains__``)."""
+
+    def __init__(self, keep=None):
+        super().__init__()
+        self.keep = keep
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.keep is None or self.keep(func):
+            self.seen.append(func)
+        return func(*args, **(kwargs or {}))
 
 
 def finish_rank() -> None:

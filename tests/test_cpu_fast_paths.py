@@ -10,6 +10,7 @@ import torch
 import fastaccum
 from fastaccum.backends import BackendUnavailableError, get_backend
 from fastaccum.tools.bench import simulated_loss
+from conftest import AtenOps
 
 try:
     get_backend("cpu")
@@ -195,17 +196,6 @@ def test_steady_step_counts_steps_in_the_kernel():
     the kernel job, which adds one after the update: the step reads no count out and runs
     no separate increment. The only aten op left is the copy that restores the counts when
     a kernel fails (see _update)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(func)
-            return func(*args, **(kwargs or {}))
-
     ps = make()
     tp = twin(ps)
     opt = fastaccum.AdamW(ps, lr=1e-2, backend="cpu")
@@ -215,7 +205,7 @@ def test_steady_step_counts_steps_in_the_kernel():
         gs = [torch.randn(p.shape, generator=gen) for p in ps]
         simulated_loss(ps, gs).backward()
         simulated_loss(tp, gs).backward()
-        with Ops() as ops:
+        with AtenOps() as ops:
             opt.step()
         ref.step()
         opt.zero_grad(), ref.zero_grad()

@@ -7,8 +7,8 @@ from typing import Sequence
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import HOST_SYNC_OPS, AtenOps
 from fastaccum.noise_scale import NoiseScaleEstimator, mean_grad_sumsq, two_batch_estimates
 
 D = 2048
@@ -148,21 +148,10 @@ def test_min_windows_and_non_finite_windows_are_dropped():
     assert est.value == pytest.approx(16.0)  # tr = (3-2)*16 = 16, g2 = 2 - 1 = 1
 
 
-class CountSyncs(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:  # .item() / float(t) / bool(t)
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_tensor_inputs_are_lazy_and_equal_float_inputs():
     world = World(7)
     floats, tensors = NoiseScaleEstimator(), NoiseScaleEstimator()
-    mode = CountSyncs()
+    mode = AtenOps(keep=HOST_SYNC_OPS.__contains__)
     for w in range(50):
         sizes = [5.0, 11.0, 16.0]
         s, S, B = world.window(sizes)
@@ -173,7 +162,7 @@ def test_tensor_inputs_are_lazy_and_equal_float_inputs():
     # one NaN window: masked on the device, not counted
     with mode:
         tensors.update([torch.tensor(math.nan), None, torch.tensor(1.0)], [5.0, 11.0, 16.0], torch.tensor(1.0))
-    assert mode.syncs == 0
+    assert mode.seen == []
     assert tensors.windows == 50
     assert tensors.value == pytest.approx(floats.value, rel=1e-6)
 
@@ -185,7 +174,7 @@ def test_decisions_on_the_device_equal_host_decisions():
     left out, even when they are not solvable -- and nothing is read back while feeding."""
     world = World(11)
     host, dev, mixed = NoiseScaleEstimator(), NoiseScaleEstimator(), NoiseScaleEstimator()
-    mode = CountSyncs()
+    mode = AtenOps(keep=HOST_SYNC_OPS.__contains__)
     unsolvable = 0
     for w in range(60):
         sizes = [[5.0, 11.0, 16.0], [7.0], [3.0, 9.0], [4.0, 4.0, 4.0, 4.0]][w % 4]
@@ -204,7 +193,7 @@ def test_decisions_on_the_device_equal_host_decisions():
             out = dev.update_from_sums(t(s1), t(w_r), t(k), t(S), t(B), applied=torch.tensor(applied))
             mixed.update_from_sums(t(s1), w_r, k, t(S), B, applied=torch.tensor(applied))
         assert isinstance(out, torch.Tensor) and out.dtype == torch.bool
-    assert mode.syncs == 0
+    assert mode.seen == []
     assert host.unestimable_windows == unsolvable > 0
     for est in (dev, mixed):
         assert est.windows == host.windows and est.unestimable_windows == host.unestimable_windows

@@ -9,10 +9,9 @@ import contextlib
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastaccum
-from conftest import assert_params_close, assert_state_close
+from conftest import HOST_SYNC_OPS, AtenOps, assert_params_close, assert_state_close
 
 pytest.importorskip("triton")
 
@@ -99,20 +98,9 @@ def test_launches_per_step_do_not_grow_with_tensors(request):
     assert names.count("_finalize_kernel") == 1
 
 
-class _HostSyncs(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
-            self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @contextlib.contextmanager
 def _no_host_reads(monkeypatch):
-    mode = _HostSyncs()
+    mode = AtenOps(keep=HOST_SYNC_OPS.__contains__)
     calls = []
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
         real = getattr(torch.Tensor, name)
@@ -344,17 +332,9 @@ def test_resident_unestimable_windows_skip_the_skipped_one():
     assert a.noise_scale_estimator.unestimable_windows == b.noise_scale_estimator.unestimable_windows == 3
 
 
-class _CountOps(TorchDispatchMode):
+def _computing_ops() -> AtenOps:
     """aten ops that compute (views left out): on a GPU, each is a kernel launch."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+    return AtenOps(keep=lambda func: not func.is_view)
 
 
 # aten ops the noise scale adds to a window's last step() (its sums, |G_B|², the estimator's
@@ -374,15 +354,15 @@ def _last_step_ops(request, n_layer: int, track: bool):
     names = request.getfixturevalue("triton_launches")
     names.clear()
     opt.backward(fake_loss(model, 5), weight=4.0)
-    first = _CountOps()
+    first = _computing_ops()
     with first:
         opt.step()
     assert names == [], "a micro-step inside the window launches no bucket kernel"
     opt.backward(fake_loss(model, 6), weight=5.0)
-    last = _CountOps()
+    last = _computing_ops()
     with last:
         opt.step()
-    return len(opt._buckets), list(names), first.ops, last.ops
+    return len(opt._buckets), list(names), [str(f) for f in first.seen], [str(f) for f in last.seen]
 
 
 def test_noise_scale_adds_no_bucket_launch_and_a_constant_of_small_ops(request):
