@@ -74,6 +74,11 @@ def _eager(t: Tensor) -> bool:
     return type(t) in _PLAIN and not torch.compiler.is_compiling()
 
 
+# reusable segments' laid-out kernel jobs: (parameter addresses, [(indices or None, job)],
+# the indices that go to the torch backend, the gradient list laid out); see _adam_plan
+_AdamPlan = Tuple[Tuple[int, ...], list, List[int], List[Tensor]]
+
+
 def _group_seed(seed: int, g: int) -> int:
     return (int(seed) + g * _GOLDEN) & ((1 << 63) - 1)
 
@@ -143,10 +148,10 @@ class CpuBackend(Backend):
     # ------------------------------------------------------------------ adam
     def adam_(self, segs: AdamSegments, hp: AdamHyper) -> None:
         counts = segs.step_counts
-        if counts is None:
-            self._adam(segs, hp)
-            return
         plan = self._adam_plan(segs)
+        if counts is None:
+            self._adam(segs, hp, plan)
+            return
         if (plan is not None and len(plan[1]) == 1 and plan[1][0][0] is None and not plan[2]
                 and _is_cpu_contig(counts, (torch.float32,), len(segs.params))):
             # the common case: one kernel job for the whole bucket, counting its steps in place;
@@ -154,21 +159,17 @@ class CpuBackend(Backend):
             # their addresses for this call
             grads = [] if segs.grads is plan[3] else _grad_ptrs(segs.grads, segs.params, plan[3])
             if grads is not None:
-                plan[1][0][1].run_counted(
-                    counts.data_ptr(), float(hp.lr), float(hp.beta1), float(hp.beta2), float(hp.eps),
-                    float(hp.weight_decay), bool(hp.decoupled), bool(hp.maximize), float(hp.grad_multiplier),
-                    bool(hp.stochastic_rounding), _group_seed(hp.seed, 0) & ops.SEED_MASK, torch.get_num_threads(),
-                    grads)
+                plan[1][0][1].run_counted(counts.data_ptr(), *_job_scalars(hp, 0), torch.get_num_threads(), grads)
                 return
         segs.steps = [int(s) + 1 for s in counts.tolist()]
         segs.step_counts = None
         try:
-            self._adam(segs, hp)
+            self._adam(segs, hp, plan)
         finally:
             segs.step_counts = counts
         counts += 1  # once the update has run, as run_counted does
 
-    def _adam_plan(self, segs: AdamSegments) -> Optional[Tuple[Tuple[int, ...], list, List[int], List[Tensor]]]:
+    def _adam_plan(self, segs: AdamSegments) -> Optional[_AdamPlan]:
         """The kernel jobs of reusable segments, laid out on their first update (and again when
         a parameter's storage moved): (parameter addresses, [(indices or None, job)], the
         indices that go to the torch backend, the gradients laid out). None for segments that
@@ -192,8 +193,8 @@ class CpuBackend(Backend):
         segs._cpu_plan = (tuple(map(_data_ptr, segs.params)), runs, fallback, segs.grads)
         return segs._cpu_plan
 
-    def _adam(self, segs: AdamSegments, hp: AdamHyper) -> None:
-        plan = self._adam_plan(segs)
+    def _adam(self, segs: AdamSegments, hp: AdamHyper, plan: Optional[_AdamPlan]) -> None:
+        """The update with the step counts in ``segs.steps``; ``plan``: :meth:`_adam_plan`'s."""
         if plan is not None and segs.grads is plan[3]:
             # The same segments as a previous call (see AdamSegments): the pointers were
             # checked and laid out then; only the step counts and the scalars cross now.
@@ -201,9 +202,7 @@ class CpuBackend(Backend):
             nthreads = torch.get_num_threads()
             for g, (idx, job) in enumerate(runs):
                 steps = segs.steps if idx is None else [segs.steps[i] for i in idx]
-                job.run(steps, float(hp.lr), float(hp.beta1), float(hp.beta2), float(hp.eps),
-                        float(hp.weight_decay), bool(hp.decoupled), bool(hp.maximize), float(hp.grad_multiplier),
-                        bool(hp.stochastic_rounding), _group_seed(hp.seed, g) & ops.SEED_MASK, nthreads)
+                job.run(steps, *_job_scalars(hp, g), nthreads)
             if fallback:
                 with torch.no_grad():
                     self._torch.adam_(_subset_adam(segs, fallback), hp)
@@ -261,6 +260,14 @@ class CpuBackend(Backend):
                     torch.ops.fastaccum.sgd_(**tensors, **kw)
             if fallback:
                 self._torch.sgd_(_subset_sgd(segs, fallback), hp)
+
+
+def _job_scalars(hp: AdamHyper, group: int) -> Tuple[float, float, float, float, float, bool, bool, float, bool, int]:
+    """A laid-out job's scalar arguments (``_C.AdamPlan.run``/``run_counted``, after the step
+    counts and before the thread count), for dtype group ``group`` of the call."""
+    return (float(hp.lr), float(hp.beta1), float(hp.beta2), float(hp.eps), float(hp.weight_decay), bool(hp.decoupled),
+            bool(hp.maximize), float(hp.grad_multiplier), bool(hp.stochastic_rounding),
+            _group_seed(hp.seed, group) & ops.SEED_MASK)
 
 
 def _grad_ptrs(grads: Sequence[Tensor], params: Sequence[Tensor], planned: Sequence[Tensor]) -> Optional[List[int]]:
