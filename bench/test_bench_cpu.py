@@ -229,6 +229,21 @@ def torch_step_row(name: str, params, grads, zero: bool = False, **kw) -> Row:
 
 
 
+def fastaccum_window(params, gsets, accum: int) -> Callable[[], None]:
+    """fastaccum's accumulation window on the cpu backend: ``opt.backward`` + ``step`` +
+    ``zero_grad`` per micro-batch, with a dynamic loss scale and clipping."""
+    opt = fastaccum.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, backend="cpu",
+                          accumulation_steps=accum, loss_scale="dynamic", max_grad_norm=MAX_NORM)
+
+    def run() -> None:
+        for k in range(accum):
+            opt.backward(harness.simulated_loss(params, gsets[k % 2]))
+            opt.step()
+            opt.zero_grad()
+
+    return run
+
+
 def torch_recipe_window(params, gsets, accum: int) -> Callable[[], None]:
     """The torch recipe for one accumulation window: GradScaler-scaled ``loss / accum``
     backward per micro-batch, then unscale_, clip_grad_norm_, fused AdamW, update, zero_grad."""
@@ -360,14 +375,7 @@ def test_c_full_cycle_bf16(benchmark):
     p32 = make_params(torch.float32)
     params = clone_params(p32, torch.bfloat16)
     gsets = [make_grads(params, s, torch.bfloat16) for s in (1, 2)]
-    opt = fastaccum.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, backend="cpu",
-                          accumulation_steps=ACCUM, loss_scale="dynamic", max_grad_norm=MAX_NORM)
-
-    def fa_run():
-        for k in range(ACCUM):
-            opt.backward(harness.simulated_loss(params, gsets[k % 2]))
-            opt.step()
-            opt.zero_grad()
+    fa_run = fastaccum_window(params, gsets, ACCUM)
 
     gsets32 = [[g.float() for g in gs] for gs in gsets]
     t_run = torch_recipe_window(p32, gsets32, ACCUM)
@@ -460,14 +468,7 @@ def test_f_window_fp32(benchmark):
     accum = 4
     params = make_params(torch.float32)
     gsets = [make_grads(params, s) for s in (1, 2)]
-    opt = fastaccum.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, backend="cpu",
-                          accumulation_steps=accum, loss_scale="dynamic", max_grad_norm=MAX_NORM)
-
-    def fa_run():
-        for k in range(accum):
-            opt.backward(harness.simulated_loss(params, gsets[k % 2]))
-            opt.step()
-            opt.zero_grad()
+    fa_run = fastaccum_window(params, gsets, accum)
 
     tparams = clone_params(params)
     t_run = torch_recipe_window(tparams, gsets, accum)
