@@ -261,6 +261,7 @@ def torch_recipe_window(params, gsets, accum: int) -> Callable[[], None]:
 
     return run
 
+
 def test_a_step_fp32(benchmark):
     """(a) step alone, fp32: fastaccum cpu vs torch fused / foreach and the streaming bound."""
     params = make_params(torch.float32)
