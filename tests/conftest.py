@@ -67,6 +67,11 @@ class AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def fp64_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """L2 distance of ``x`` from an fp64 reference."""
+    return (x.double() - ref).norm().item()
+
+
 def finish_rank() -> None:
     """The end of a spawned rank whose results are on disk.
 

@@ -9,7 +9,7 @@ import torch
 
 import fastaccum
 from fastaccum.backends import AdamHyper, AdamSegments, SGDHyper, SGDSegments
-from conftest import OddNet, batches
+from conftest import OddNet, batches, fp64_error
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,10 +59,6 @@ def test_adam_fp32_matches_torch_backend(n, decoupled, amsgrad, maximize):
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def _err(x, ref):
-    return (x.double() - ref).norm().item()
-
-
 @pytest.mark.parametrize("pdtype,master,sdtype", [
     (torch.bfloat16, True, torch.float32),
     (torch.float16, True, torch.float32),
@@ -85,7 +81,7 @@ def test_adam_low_precision_error_at_most_twice_torch(pdtype, master, sdtype):
     a, b = _run_adam(TRITON, st, grads, hp, 10), _run_adam(TORCH, st, grads, hp, 10)
     for k in ("param", "m", "v"):
         ref_k = p64 if k == "param" else ref[k]
-        ea, eb = _err(a[k], ref_k), _err(b[k], ref_k)
+        ea, eb = fp64_error(a[k], ref_k), fp64_error(b[k], ref_k)
         assert ea <= 2 * eb + 1e-12, f"{k}: triton error {ea:.3g} vs torch backend {eb:.3g}"
 
 

@@ -18,6 +18,7 @@ import fastaccum  # noqa: E402
 from fastaccum.backends import AdamHyper, AdamSegments, SGDHyper, SGDSegments  # noqa: E402
 from fastaccum.backends import triton_kernels as K  # noqa: E402
 from fastaccum.reference import adam_math  # noqa: E402
+from conftest import fp64_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TORCH = fastaccum.get_backend("torch")
@@ -171,10 +172,6 @@ def test_adam_fp32_large_segment():
 
 
 # ------------------------------------------------------------------ low precision: error vs fp64
-def _err(x, ref):
-    return (x.double() - ref).norm().item()
-
-
 @pytest.mark.parametrize("pdtype,master,sdtype", [
     (torch.bfloat16, True, torch.float32),
     (torch.float16, True, torch.float32),
@@ -209,8 +206,8 @@ def test_adam_low_precision_error_at_most_twice_torch(pdtype, master, sdtype):
     for name, getter in (("param", lambda x, i: x.params[i]), ("m", lambda x, i: x.view(x.m, i)),
                          ("v", lambda x, i: x.view(x.v, i))):
         r = {"param": p64, "m": m64, "v": v64}[name]
-        ea = sum(_err(getter(a, i), r[i]) for i in segs)
-        eb = sum(_err(getter(b, i), r[i]) for i in segs)
+        ea = sum(fp64_error(getter(a, i), r[i]) for i in segs)
+        eb = sum(fp64_error(getter(b, i), r[i]) for i in segs)
         assert ea <= 2 * eb + 1e-12, f"{name}: kernel error {ea:.3g} vs torch backend {eb:.3g}"
     del ref
 
