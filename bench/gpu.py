@@ -110,7 +110,12 @@ def make_grads(params: Sequence[Tensor]) -> List[Tensor]:
 class _Deliver(torch.autograd.Function):
     """Forward: a scalar that depends on every parameter. Backward: the prepared gradients
     times the upstream gradient, as fresh tensors (one ``_foreach_mul``), so the loss scale
-    and micro-batch weight an optimizer folds into the loss reach the gradients as in a model."""
+    and micro-batch weight an optimizer folds into the loss reach the gradients as in a model.
+
+    The upstream gradient is cast to the gradients' dtype first, as a bf16 model's backward
+    works in bf16: a bf16 list times an fp32 scalar tensor would leave ``_foreach_mul``'s
+    fused path for one unvectorised launch per tensor (measured on an H100: a third of a 1.3B
+    bf16 window's device time and most of a 124M one's host time), which no bf16 model pays."""
 
     @staticmethod
     def forward(ctx: Any, grads: List[Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
@@ -119,7 +124,7 @@ class _Deliver(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
-        return (None, *torch._foreach_mul(ctx.grads, grad_out))
+        return (None, *torch._foreach_mul(ctx.grads, grad_out.to(ctx.grads[0].dtype)))
 
 
 def simulated_loss(params: Sequence[Tensor], grads: List[Tensor]) -> Tensor:
