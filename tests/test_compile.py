@@ -119,7 +119,7 @@ def test_compiled_step_alone_routes_through_the_ops():
     """``torch.compile(opt.step)``: one graph, holding the norm, finalize and update ops of every
     bucket (fp32 and bf16 parameters: two buckets), and no recompilation from step to step."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(7, 13), nn.Linear(13, 1))
+    model = nn.Sequential(nn.Linear(7, 13), nn.Linear(13, 1)).to(DEVICE)
     model[1].to(torch.bfloat16)
     opt = fastaccum.AdamW(model.parameters(), lr=1e-2, backend="triton", max_grad_norm=1.0)
     assert len(opt._buckets) == 2
@@ -128,7 +128,7 @@ def test_compiled_step_alone_routes_through_the_ops():
     step = torch.compile(opt.step, backend=graphs)
     g = torch.Generator().manual_seed(1)
     for _ in range(4):
-        x = torch.randn(5, 7, generator=g)
+        x = torch.randn(5, 7, generator=g).to(DEVICE)
         model[1](model[0](x).bfloat16()).float().pow(2).sum().backward()
         step()
         opt.zero_grad()
@@ -163,9 +163,9 @@ def test_compiled_step_of_a_host_backend_runs_eagerly():
 def test_fullgraph_is_refused():
     """A step has host work at every call (documented): fullgraph=True cannot hold, and the
     compiler says so instead of tracing the host side."""
-    model = nn.Linear(7, 3)
+    model = nn.Linear(7, 3).to(DEVICE)
     opt = fastaccum.AdamW(model.parameters(), lr=1e-2, backend="triton")
-    model(torch.randn(5, 7)).sum().backward()
+    model(torch.randn(5, 7, device=DEVICE)).sum().backward()
     torch._dynamo.reset()
     with pytest.raises(torch._dynamo.exc.Unsupported):
         torch.compile(opt.step, backend="eager", fullgraph=True)()
