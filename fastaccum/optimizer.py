@@ -367,7 +367,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         for b in self._buckets:
             if b.folds is not None and b.device == device and b.folds.backend is backend:
                 return b.folds
-        cap = fold_cap_bytes()
+        cap = fold_cap_bytes(device)
         return PendingFolds(backend, cap, device) if cap > 0 else None
 
     def _add_bucket(self, bucket: Bucket) -> None:
@@ -448,7 +448,13 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         g = p.grad
         if g is None:
             return
-        self._check_grad(bucket, p, g)
+        if bucket.folds is not None and bucket.hold(i, p, g, self.accumulation_steps > 1):
+            # a bf16/fp16 gradient held for the batched fold (what a window spends most hooks on)
+            self._norm_cache = None
+            return
+        if g.layout is not torch.strided or g.get_device() != bucket.device_index or g.is_complex():
+            # (a cheap screen runs per gradient; this says what is wrong)
+            self._check_grad(bucket, p, g)
         if self._no_buffer:
             # the gradient is used once, here, and released: none outlives its backward
             g32 = local(g).to(bucket.grad_dtype, memory_format=torch.contiguous_format).view(bucket.shapes[i])
@@ -458,7 +464,7 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
             return
         # managed mode owns the window's accumulation: a model.zero_grad() between
         # micro-batches must not drop the earlier ones
-        bucket.take_from_hook(i, add_to_fresh=self.accumulation_steps > 1)
+        bucket.take_from_hook(i, g, add_to_fresh=self.accumulation_steps > 1)
         self._norm_cache = None
         if self.step_in_backward and self._window.sync_gradients and not self._flushing:
             # the window's last micro-batch: its gradient is in the segment now (added in place
@@ -1164,15 +1170,44 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
 
 def _make_hook(ref: "weakref.ref[AccumOptimizer]", bi: int, i: int) -> Callable[[Tensor], None]:
     # The hook holds the optimizer weakly: a dropped optimizer frees its buffers.
-    def hook(p: Tensor) -> None:
+    def grad_ready(p: Tensor) -> None:
         opt = ref()
         if opt is not None:
             opt._grad_ready(bi, i, p)
 
     # Autograd runs the hook inside a backward that a compiled function called, where
     # torch.compile would trace it (buffer bookkeeping, per-tensor kernel launches, a
-    # recompilation per parameter): it runs eagerly instead.
-    return torch.compiler.disable(hook)
+    # recompilation per parameter): it runs eagerly instead. torch.compiler.disable's wrapper
+    # costs microseconds per call, paid once per parameter and micro-batch (more than the rest
+    # of the hook), so it is entered only when a compiler is watching frames.
+    disabled = torch.compiler.disable(grad_ready)
+    if _frame_callback is None:
+        return disabled
+
+    def hook(p: Tensor) -> None:
+        if _frame_callback() is None:
+            opt = ref()  # (grad_ready, inline: a call less per parameter and micro-batch)
+            if opt is not None:
+                opt._grad_ready(bi, i, p)
+        else:
+            disabled(p)
+
+    _skip_frame(hook.__code__)
+    return hook
+
+
+def _eager_frame_probe() -> Tuple[Optional[Callable[[], Any]], Optional[Callable[[Any], None]]]:
+    """(the current thread's frame callback of torch.compile, None when it is off; a function
+    that keeps torch.compile out of one code object), or (None, None) on a torch without them."""
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+        from torch._dynamo.eval_frame import skip_code
+    except ImportError:
+        return None, None
+    return get_eval_frame_callback, skip_code
+
+
+_frame_callback, _skip_frame = _eager_frame_probe()
 
 
 def _as_tensor(x: Any) -> Optional[Tensor]:

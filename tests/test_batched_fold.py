@@ -279,9 +279,10 @@ def test_launches_per_micro_batch(monkeypatch, request, cap_mb):
         monkeypatch.delenv("FASTACCUM_FOLD_CAP_MB")
     else:
         monkeypatch.setenv("FASTACCUM_FOLD_CAP_MB", str(cap_mb))
-    cap = buffers.fold_cap_bytes()
+    cap = buffers.fold_cap_bytes(torch.device(DEVICE))
     model = gpt2_like(dtype=torch.bfloat16)
     opt = fastaccum.AdamW(groups(model), lr=1e-3, backend="triton", accumulation_steps=8)
+    assert opt._buckets[0].folds.cap == cap
     pending_bytes = sum(p.numel() * p.element_size() for p in model)
     after = _micro_batches(opt, model, launches, monkeypatch, start=100)
     bound = math.ceil(pending_bytes / cap) + 1
@@ -290,6 +291,24 @@ def test_launches_per_micro_batch(monkeypatch, request, cap_mb):
         assert after == [(1, 0)] * 8  # the whole micro-batch in one launch: 8 per window instead of 1184
     else:
         assert min(k for k, _ in after) >= 2, "the cap splits a micro-batch"
+
+
+def test_default_cap_is_a_share_of_the_device(monkeypatch):
+    """Unset, the cap is 1 % of the GPU's memory and never below 32 MiB (a flush must fold enough
+    to cover its fixed host cost); off a GPU, 32 MiB; FASTACCUM_FOLD_CAP_MB overrides both."""
+    monkeypatch.delenv("FASTACCUM_FOLD_CAP_MB", raising=False)
+    mib = 2**20
+    assert buffers.fold_cap_bytes() == buffers.fold_cap_bytes(torch.device("cpu")) == 32 * mib
+
+    class Props:
+        total_memory = 0
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    for total_gb, expected in ((80, int(80e9 * 0.01)), (6, int(6e9 * 0.01)), (1, 32 * mib)):
+        Props.total_memory = int(total_gb * 1e9)
+        assert buffers.fold_cap_bytes(torch.device("cuda", 0)) == expected, total_gb
+    monkeypatch.setenv("FASTACCUM_FOLD_CAP_MB", "4")
+    assert buffers.fold_cap_bytes(torch.device("cuda", 0)) == 4 * mib
 
 
 def test_a_window_reads_no_device_value(monkeypatch):

@@ -156,7 +156,7 @@ class Backend(abc.ABC):
         return self.sumsq(src)
 
     def fold_many_(self, srcs: Sequence[Tensor], dsts: Sequence[Tensor], copy: Sequence[bool],
-                   sumsq: bool = False) -> Tuple[Optional[Tensor], List[int]]:
+                   sumsq: bool = False, checked: bool = False) -> Tuple[Optional[Tensor], List[int]]:
         """``dsts[k].copy_(srcs[k])`` where ``copy[k]`` (a stale segment), else ``dsts[k] += srcs[k]``;
         ``dsts`` fp32 views of the buffer, ``srcs`` bf16/fp16 gradients of as many elements.
 
@@ -164,7 +164,8 @@ class Backend(abc.ABC):
         sources such that ``partials[first[k]:first[k + 1]]`` sums to ``|srcs[k]|²`` (else None);
         ``first`` has one entry per pair plus the total. This default runs one op per pair (the
         reference, and what a backend without a batched kernel would do); the triton backend
-        folds every pair in one launch."""
+        folds every pair in one launch. ``checked``: the caller has made sure of the layout
+        (what a batched kernel would otherwise check per pair)."""
         partials = []
         for s, d, c in zip(srcs, dsts, copy):
             s = s.reshape(d.shape)

@@ -105,25 +105,42 @@ def specializations():
             yield fold_spec(src, with_sumsq)
 
 
-def build_table(srcs: Sequence[Tensor], dsts: Sequence[Tensor], copy: Sequence[bool]) -> Tuple[Tensor, List[int]]:
+def build_table(srcs: Sequence[Tensor], dsts: Sequence[Tensor], copy: Sequence[bool], checked: bool = False
+                ) -> Tuple[Tensor, List[int]]:
     """The packed table (on the host) and the first tile of every entry plus the total.
 
     ``srcs``: contiguous bf16/fp16 tensors of one dtype, 16-byte aligned; ``dsts``: contiguous
-    fp32 views of as many elements, 64-byte aligned. Raises ValueError otherwise."""
+    fp32 views of as many elements, 64-byte aligned. Raises ValueError otherwise, unless
+    ``checked``: the caller (the buckets' pending folds, once per gradient as it arrives) has
+    already made sure of all that, and this only packs."""
     if not (len(srcs) == len(dsts) == len(copy)) or not srcs:
         raise ValueError("fold_ needs one destination and one copy flag per source, and at least one source")
+    if not checked:
+        _check_pairs(srcs, dsts)
+    sbase, dbase = srcs[0].data_ptr(), dsts[0].data_ptr()
+    ssize = srcs[0].element_size()
+    first = [0]
+    rows: List[int] = []
+    tiles = 0
+    # (this loop runs once per gradient and flush: it only reads addresses and sizes)
+    for s, d, c in zip(srcs, dsts, copy):
+        n = s.numel()
+        tiles += (n + BLOCK - 1) // BLOCK or 1
+        first.append(tiles)
+        rows += ((s.data_ptr() - sbase) // ssize, (d.data_ptr() - dbase) >> 2, n, 1 if c else 0)
+    packed = array.array("q", first)  # (torch.tensor of a list costs 20x more per element)
+    packed.extend(rows)
+    return torch.frombuffer(packed, dtype=torch.int64), first
+
+
+def _check_pairs(srcs: Sequence[Tensor], dsts: Sequence[Tensor]) -> None:
     src0, dst0 = srcs[0], dsts[0]
     dtype, f32 = src0.dtype, torch.float32
     if dtype not in _SRC_DTYPES:
         raise ValueError(f"the batched fold reads bfloat16 or float16 gradients, got {dtype}")
-    sbase, dbase = src0.data_ptr(), dst0.data_ptr()
-    ssize = src0.element_size()
     dev = dst0.get_device()  # (an int: cheaper to compare than devices, for every entry)
     salign, dalign = SRC_ALIGN_BYTES, 4 * K.ALIGN
-    first = [0]
-    rows: List[int] = []
-    tiles = 0
-    for s, d, c in zip(srcs, dsts, copy):
+    for s, d in zip(srcs, dsts):
         n = s.numel()
         sp, dp = s.data_ptr(), d.data_ptr()
         if (s.dtype is not dtype or d.dtype is not f32 or d.numel() != n or s.get_device() != dev
@@ -134,12 +151,6 @@ def build_table(srcs: Sequence[Tensor], dsts: Sequence[Tensor], copy: Sequence[b
         if sp % salign or dp % dalign:
             raise ValueError(f"fold_: source address {sp:#x} must be {salign}-byte and destination "
                              f"{dp:#x} {dalign}-byte aligned")
-        tiles += (n + BLOCK - 1) // BLOCK or 1
-        first.append(tiles)
-        rows += ((sp - sbase) // ssize, (dp - dbase) >> 2, n, 1 if c else 0)
-    packed = array.array("q", first)  # (torch.tensor of a list costs 20x more per element)
-    packed.extend(rows)
-    return torch.frombuffer(packed, dtype=torch.int64), first
 
 
 def _to_device(packed: Tensor, device: torch.device) -> Tuple[Tensor, Tensor]:
@@ -152,13 +163,14 @@ def _to_device(packed: Tensor, device: torch.device) -> Tuple[Tensor, Tensor]:
     return packed.to(device), packed
 
 
-def fold_(srcs: Sequence[Tensor], dsts: Sequence[Tensor], copy: Sequence[bool], sumsq: bool = False
-          ) -> Tuple[Optional[Tensor], List[int]]:
-    """``dst = src`` (``copy[k]``) or ``dst += src`` for every pair, in one launch, no sync.
+def fold_(srcs: Sequence[Tensor], dsts: Sequence[Tensor], copy: Sequence[bool], sumsq: bool = False,
+          checked: bool = False) -> Tuple[Optional[Tensor], List[int]]:
+    """``dst = src`` (``copy[k]``) or ``dst += src`` for every pair, in one launch, no sync
+    (``checked``: see :func:`build_table`).
 
     Returns (per-tile fp32 sums of squares of the sources when ``sumsq``, else None; the first
     tile of each entry and the total, so ``partials[first[k]:first[k + 1]]`` is entry k's)."""
-    packed, first = build_table(srcs, dsts, copy)
+    packed, first = build_table(srcs, dsts, copy, checked)
     recording = K._RECORDING
     if recording is not None and recording.calls:
         # a step's launches recorded (deferred) before this write of the buffers run first, as
