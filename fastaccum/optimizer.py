@@ -942,7 +942,12 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         divisor = self._window._device_divisor()
         self._window.last_weight_total = (
             None if isinstance(divisor, Tensor) else self._window.host_weight_total(divisor, (dist_world() or (1,))[0]))
-        # everything that can refuse runs before any kernel (state allocation, hyper-parameters)
+        # The norm pass first: it writes only its partial sums, so the device starts on the
+        # step's largest read while the host prepares the rest (the host time before the first
+        # launch is device time lost).
+        partials = res.sumsq() if self._window.needs_norm(grad_scale, self.max_grad_norm) else None
+        # everything that can refuse runs before any kernel that changes state (state
+        # allocation, hyper-parameters)
         launches = []
         for bi, bucket, table in res.work:
             self._prepare_state(bucket, bucket.live_indices())
@@ -952,7 +957,6 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
         # copies, no sync), so that a retry does not count a step twice
         saved_steps, saved_window = res.steps.clone(), self._window.state.clone()
         try:
-            partials = res.sumsq() if self._window.needs_norm(grad_scale, self.max_grad_norm) else None
             self._device_stats = (partials is not None, divisor)  # for stats(): read when it is called
             self._window.finalize_on_device(
                 partials, res.steps, res.step_index, grad_scaler_scale=_as_tensor(grad_scale),

@@ -293,6 +293,33 @@ def test_launches_per_micro_batch(monkeypatch, request, cap_mb):
         assert min(k for k, _ in after) >= 2, "the cap splits a micro-batch"
 
 
+def test_eager_hooks_enter_no_compiler_wrapper(monkeypatch):
+    """torch.compiler.disable's wrapper costs microseconds per call; eagerly, the per-parameter
+    hook must not enter it: the compiler frame switches per backward do not grow with the
+    number of parameters (they come from the few once-per-backward calls)."""
+    import torch._dynamo.eval_frame as eval_frame
+    real, calls = eval_frame.set_eval_frame, []
+
+    def counting(callback):
+        calls.append(callback)
+        return real(callback)
+
+    monkeypatch.setattr(eval_frame, "set_eval_frame", counting)
+    per_backward = {}
+    for n in (4, 64):
+        params = [nn.Parameter(torch.randn(40, device=DEVICE).bfloat16()) for _ in range(n)]
+        opt = fastaccum.AdamW(params, lr=1e-3, backend="triton", accumulation_steps=4)
+        counts = []
+        for k in range(3):
+            loss = sum((p.float() * (k + 1)).sum() for p in params)
+            del calls[:]
+            opt.backward(loss)
+            counts.append(len(calls))
+        assert all(b.folds is not None and b.folds.launches >= 1 for b in opt._buckets)
+        per_backward[n] = counts
+    assert per_backward[4] == per_backward[64], per_backward
+
+
 def test_default_cap_is_a_share_of_the_device(monkeypatch):
     """Unset, the cap is 1 % of the GPU's memory and never below 32 MiB (a flush must fold enough
     to cover its fixed host cost); off a GPU, 32 MiB; FASTACCUM_FOLD_CAP_MB overrides both."""

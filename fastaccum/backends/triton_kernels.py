@@ -163,7 +163,8 @@ class SegmentTable:
     @staticmethod
     def key(params: Sequence[Tensor], segments: Sequence[int], fresh: Sequence[bool]) -> tuple:
         """What the table depends on besides the fixed layout: rebuild when this changes."""
-        return (tuple(segments), tuple(bool(f) for f in fresh), tuple(params[i].data_ptr() for i in segments))
+        # (runs every step, before the first launch: list comprehensions, not generators)
+        return (tuple(segments), tuple([bool(f) for f in fresh]), tuple([params[i].data_ptr() for i in segments]))
 
     @classmethod
     def build(cls, params: Sequence[Tensor], offsets: Sequence[int], numels: Sequence[int], segments: Sequence[int],
