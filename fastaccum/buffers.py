@@ -213,10 +213,20 @@ DEFAULT_FOLD_CAP_SHARE = 0.01
 
 
 def fold_cap_bytes(device: Optional[torch.device] = None) -> int:
-    """The cap of :class:`PendingFolds`: ``FASTACCUM_FOLD_CAP_MB`` (MiB, read when an optimizer
-    is built), else 1 % of ``device``'s memory and at least :data:`MIN_FOLD_CAP_MB`. 0 turns the
-    batched fold off: every gradient is folded in its own launch as it arrives (the
-    per-parameter fold).
+    """The cap of :class:`PendingFolds` on ``device``: see :func:`fold_cap_for` (the device's
+    memory when it is a GPU; nothing known otherwise)."""
+    total = None
+    if device is not None and device.type == "cuda" and not os.environ.get("FASTACCUM_FOLD_CAP_MB", "").strip():
+        total = torch.cuda.get_device_properties(device).total_memory
+    return fold_cap_for(total)
+
+
+def fold_cap_for(device_memory: Optional[int]) -> int:
+    """Bytes of bf16/fp16 gradients a batched fold holds: ``FASTACCUM_FOLD_CAP_MB`` (MiB, read
+    when an optimizer is built), else 1 % of ``device_memory`` (bytes) and at least
+    :data:`MIN_FOLD_CAP_MB` (that alone when the memory is not known). 0 turns the batched fold
+    off: every gradient is folded in its own launch as it arrives (the per-parameter fold).
+    ``fastaccum plan`` counts the same bytes.
 
     Why a share of the device: each flush costs the host a fixed ~0.1-1 ms (the table, its
     copy, the launch; measured on an H100's host), so a flush must fold enough bytes to keep
@@ -226,10 +236,7 @@ def fold_cap_bytes(device: Optional[torch.device] = None) -> int:
     raw = os.environ.get("FASTACCUM_FOLD_CAP_MB", "").strip()
     if not raw:
         floor = int(MIN_FOLD_CAP_MB * 2**20)
-        if device is not None and device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-            return max(floor, int(total * DEFAULT_FOLD_CAP_SHARE))
-        return floor
+        return max(floor, int(device_memory * DEFAULT_FOLD_CAP_SHARE)) if device_memory else floor
     try:
         mb = float(raw)
     except ValueError:

@@ -137,8 +137,9 @@ def test_plan_tiny_module_matches_hand_computation(models, capsys):
         "torch-fp32": (4 * n, 4 * n, 0, 8 * n, 0, act32),
         "torch-bf16": (2 * n, 2 * n, 0, 4 * n, 0, act16),
         "fastaccum-fp32": (4 * n, 4 * n, 0, 8 * n, 4 * 512, act32),  # + autograd's fresh grad before the copy
-        "fastaccum-bf16-master": (2 * n, 4 * n, 4 * n, 8 * n, 2 * 512, act16),
-        "fastaccum-bf16-sr": (2 * n, 4 * n, 0, 8 * n, 2 * 512, act16),
+        # + the batched fold's held bf16 gradients: all of them, fewer bytes than its 32 MiB cap
+        "fastaccum-bf16-master": (2 * n, 4 * n, 4 * n, 8 * n, 2 * 512 + 2 * n, act16),
+        "fastaccum-bf16-sr": (2 * n, 4 * n, 0, 8 * n, 2 * 512 + 2 * n, act16),
         "fastaccum-step-in-backward": (4 * n, 0, 0, 8 * n, 4 * 512, act32),  # no buffer; one fp32 grad at a time
     }
     modes = {m["mode"]: m for m in res["modes"]}
@@ -287,7 +288,9 @@ def _tiny_spec(**kw):
 def test_plan_hits_the_target_exactly_when_it_can():
     spec = _tiny_spec()
     per_seq = P.activation_bytes_per_sequence(spec, 16)
-    static = 18 * spec.params  # fastaccum bf16 + master, no in-flight (largest_tensor unknown)
+    # fastaccum bf16 + master (18 B/param) + every bf16 gradient held for the batched fold (2,
+    # fewer bytes than its cap); no in-flight copy (largest_tensor unknown)
+    static = 20 * spec.params
     memory = static + 11 * per_seq + per_seq // 2  # room for 11 sequences, not 12
     res = P.plan(P.PlanInput(spec=spec, memory_bytes=memory, memory_source="test", target_batch=256, headroom=0))
     rec = res["recommendation"]
@@ -338,3 +341,18 @@ def test_plan_measured_activations_are_one_labelled_figure(capsys):
 def test_plan_negative_memory_same_message_both_spellings(capsys, form):
     rc, _, err = run_inproc(capsys, "plan", "--params", "124M", *form)
     assert rc == 2 and err.strip() == "fastaccum plan: error: --memory '-6GB': memory must be > 0 (e.g. 6GB)"
+
+
+def test_plan_counts_the_batched_fold_cap(monkeypatch):
+    """bf16 modes hold up to the batched fold's cap of bf16 gradients during backward: 1 % of the
+    device memory (the optimizer's default on a GPU), or FASTACCUM_FOLD_CAP_MB; fp32 modes none."""
+    monkeypatch.delenv("FASTACCUM_FOLD_CAP_MB", raising=False)
+    spec = P.ModelSpec(params=1_300_000_000, layers=24, hidden=2048, seq_len=2048, largest_tensor=50257 * 2048)
+    for memory, cap in ((80 * 10**9, 8 * 10**8), (3 * 10**9, 32 * 2**20)):
+        modes = {m["mode"]: m for m in P.plan(P.PlanInput(spec=spec, memory_bytes=memory, memory_source="test"))["modes"]}
+        assert modes["fastaccum-bf16-master"]["transient_bytes"] == 2 * spec.largest_tensor + cap
+        assert modes["fastaccum-bf16-sr"]["transient_bytes"] == 2 * spec.largest_tensor + cap
+        assert modes["fastaccum-fp32"]["transient_bytes"] == 4 * spec.largest_tensor
+    monkeypatch.setenv("FASTACCUM_FOLD_CAP_MB", "0")  # the per-parameter fold holds nothing more
+    modes = {m["mode"]: m for m in P.plan(P.PlanInput(spec=spec, memory_bytes=80 * 10**9, memory_source="test"))["modes"]}
+    assert modes["fastaccum-bf16-master"]["transient_bytes"] == 2 * spec.largest_tensor
