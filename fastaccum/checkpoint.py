@@ -70,6 +70,9 @@ class CheckpointMixin:
             "skipped_steps": self.skipped_steps,
             "loss_scaler": self._scaler.state_dict() if self._scaler is not None else None,
             "noise_scale": self._noise.state_dict() if self._noise is not None else None,
+            # the device-resident step's stochastic-rounding seed of each bucket (None: not drawn
+            # yet): a resumed run rounds as the run that saved it would have
+            "device_seeds": [self.__dict__.get("_device_seeds", {}).get(bi) for bi in range(len(self._buckets))],
         }
         sharded = [b for b in self._buckets if b.sharded and b.grad is not None]
         if not sharded:
@@ -149,6 +152,8 @@ class CheckpointMixin:
                 self._scaler.load_state_dict(extra["loss_scaler"])
             if self._noise is not None and extra.get("noise_scale") is not None:
                 self._noise.load_state_dict(extra["noise_scale"])
+            if extra.get("device_seeds") is not None:  # (older checkpoints: seeds drawn afresh)
+                self._device_seeds = {bi: seed for bi, seed in enumerate(extra["device_seeds"]) if seed is not None}
         self._norm_cache = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -270,6 +275,11 @@ class CheckpointMixin:
             LossScaler.check_state(extra["loss_scaler"])
         if extra.get("noise_scale") is not None:
             NoiseScaleEstimator().load_state_dict(extra["noise_scale"])  # raises on a corrupt entry
+        seeds = extra.get("device_seeds")
+        if seeds is not None and (not isinstance(seeds, (list, tuple)) or len(seeds) != n or not all(
+                s is None or (isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**62) for s in seeds)):
+            raise ValueError(f"the state_dict's 'device_seeds' must be one int in [0, 2**62) or None per bucket ({n}), "
+                             f"got {seeds!r:.80}: the checkpoint is corrupt")
         mid_window = bool(extra["weighted"]) or any(any(f) for f in extra["fresh"])
         if mid_window and bool(extra["weighted"]) and (extra["loss_scaler"] is None) != (self._scaler is None):
             # the saved partial gradients carry the saved loss scale: read with another one

@@ -221,6 +221,42 @@ def test_state_dict_round_trip_on_the_resident_path():
     assert_params_close(a, b, rtol=0, atol=0)
 
 
+def test_a_resumed_run_rounds_as_the_run_that_saved_it():
+    """Stochastic rounding on the resident step keeps one seed per bucket (drawn once): the
+    state_dict carries the seeds, so a run resumed from it (whatever torch's RNG holds then)
+    rounds as the saved run goes on to round, bit for bit; a corrupt seed entry is refused."""
+    def make(model):
+        return fastaccum.AdamW(groups(model), lr=1e-3, backend="triton", state_dtype=torch.bfloat16,
+                               master_weights=False, accumulation_steps=2)
+
+    def windows(opt, model, seeds):
+        for s in seeds:
+            for k in range(2):
+                opt.backward(fake_loss(model, s + k))
+                opt.step()
+                opt.zero_grad()
+
+    torch.manual_seed(0)
+    a = gpt2_like(dtype=torch.bfloat16)
+    oa = make(a)
+    windows(oa, a, [0, 10])
+    assert oa._device_seeds, "no stochastic rounding seed was drawn"
+    sd = oa.state_dict()
+    b = gpt2_like(dtype=torch.bfloat16)
+    b.load_state_dict(a.state_dict())
+    torch.manual_seed(12345)  # another RNG state: seeds drawn now would differ
+    ob = make(b)
+    bad = {**sd, "fastaccum": {**sd["fastaccum"], "device_seeds": ["x"] * len(ob._buckets)}}
+    with pytest.raises(ValueError, match="device_seeds"):
+        ob.load_state_dict(bad)
+    ob.load_state_dict(sd)
+    windows(oa, a, [20, 30])
+    windows(ob, b, [20, 30])
+    assert_params_close(a, b, rtol=0, atol=0)
+    for p, q in zip(a, b):
+        assert torch.equal(oa.state[p]["exp_avg"], ob.state[q]["exp_avg"])
+
+
 def test_capturable_needs_the_resident_step():
     p = nn.Parameter(torch.randn(5))
     with pytest.raises(ValueError, match="capturable=True needs the device-resident step"):
