@@ -12,7 +12,9 @@ the same script measures today's kernels and any later ones.
 Rows
   step    the optimizer step alone (gradients delivered untimed before each repeat):
           fastaccum bf16 params + fp32 masters, fastaccum fp32, and torch.optim.AdamW
-          fused / foreach on fp32 params with ``clip_grad_norm_`` (the torch recipe).
+          fused / foreach on fp32 params with ``clip_grad_norm_`` (the torch recipe);
+          ``fastaccum-bf16-graph``: the bf16 step captured in a CUDA graph (``capturable=True``)
+          and replayed, the same kernels without host time between them (GPU only).
   window  a full accumulation window of 1 or 8 micro-batches, gradient delivery and
           accumulation included: fastaccum (``opt.backward`` x N, ``step``/``zero_grad`` every
           micro-batch) vs torch (fp32 params, ``(loss / N).backward()`` x N, autograd
@@ -243,6 +245,9 @@ STEP_BYTES = {"fastaccum-bf16": 34, "fastaccum-fp32": 32, "torch-fused": 40, "to
 #: says, i.e. the default batched fold); the per-parameter fold is the A/B reference
 FOLD_CAP_MB = {"fastaccum-bf16-param": "0"}
 STEP_BYTES["fastaccum-bf16-param"] = STEP_BYTES["fastaccum-bf16"]
+#: the bf16 step captured once in a CUDA graph (capturable=True) and replayed: the same kernels
+#: and bytes, without the host's Python between them (CUDA only)
+STEP_BYTES["fastaccum-bf16-graph"] = STEP_BYTES["fastaccum-bf16"]
 
 
 @contextlib.contextmanager
@@ -286,12 +291,13 @@ class Recipe:
         self.params = make_params(shapes, dtype, device)
         self.grads = make_grads(self.params)
         lr, wd = 1e-4, 0.1
+        self.graph = None
         if impl.startswith("fastaccum"):
             accum = n_micro if stage == "window" else 1
             with _fold_cap(impl):
                 self.opt = fastaccum.AdamW(self.params, lr=lr, weight_decay=wd,
                                            backend="torch" if smoke else "triton", accumulation_steps=accum,
-                                           max_grad_norm=1.0)
+                                           max_grad_norm=1.0, capturable=impl.endswith("-graph"))
         else:
             kind = impl.split("-")[1]
             self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=wd,
@@ -305,9 +311,30 @@ class Recipe:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
+    def _capture(self) -> None:
+        """Warm up on a side stream (as capture requires), deliver one micro-batch, capture
+        ``opt.step()``. A replay reruns the step's kernels on the buffers as they are: the same
+        device work as an eager step after a backward, with no host work between kernels."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.opt.backward(self._loss(), weight=1024.0)
+                self.opt.step()
+                self.opt.zero_grad()
+        torch.cuda.current_stream().wait_stream(side)
+        self.opt.backward(self._loss(), weight=1024.0)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.opt.step()
+
     def prepare(self) -> None:
         """Step rows: deliver one micro-batch of gradients (untimed)."""
         if self.stage != "step":
+            return
+        if self.impl.endswith("-graph"):
+            if self.graph is None:
+                self._capture()
             return
         if self.impl.startswith("fastaccum"):
             self.opt.backward(self._loss(), weight=1024.0)
@@ -315,6 +342,9 @@ class Recipe:
             self._loss().backward()
 
     def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
         if self.stage == "step":
             if self.impl.startswith("fastaccum"):
                 self.opt.step()
@@ -437,7 +467,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Row] = []
     bf16 = {"both": ["fastaccum-bf16", "fastaccum-bf16-param"], "batched": ["fastaccum-bf16"],
             "param": ["fastaccum-bf16-param"]}[args.fold]
-    plan = [("step", 1, ["fastaccum-bf16", "fastaccum-fp32", "torch-fused", "torch-foreach"]),
+    graph = ["fastaccum-bf16-graph"] if device.type == "cuda" else []
+    plan = [("step", 1, ["fastaccum-bf16", *graph, "fastaccum-fp32", "torch-fused", "torch-foreach"]),
             ("window", 1, [*bf16, "fastaccum-fp32", "torch-fused"]),
             ("window", 8, [*bf16, "fastaccum-fp32", "torch-fused"])]
     for model in models:
