@@ -19,7 +19,7 @@ from .backends import (
 from .adam import Adam, AdamW
 from .advice import Advice, advise, assess
 from .batch_scaling import beta_for_halflife, effective_batch_size, halflife_tokens, scale_betas
-from .buffers import GradView
+from .buffers import GradView, batched_fold_cap
 from .noise_scale import NoiseScaleEstimator
 from .distributed import ddp_comm_hook
 from .optimizer import AccumOptimizer
@@ -35,6 +35,7 @@ __all__ = [
     "AccumOptimizer",
     "ddp_comm_hook",
     "GradView",
+    "batched_fold_cap",
     "LossScaler",
     "effective_batch_size",
     "scale_betas",

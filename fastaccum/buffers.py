@@ -213,15 +213,15 @@ DEFAULT_FOLD_CAP_SHARE = 0.01
 
 
 def fold_cap_bytes(device: Optional[torch.device] = None) -> int:
-    """The cap of :class:`PendingFolds` on ``device``: see :func:`fold_cap_for` (the device's
+    """The cap of :class:`PendingFolds` on ``device``: see :func:`batched_fold_cap` (the device's
     memory when it is a GPU; nothing known otherwise)."""
     total = None
     if device is not None and device.type == "cuda" and not os.environ.get("FASTACCUM_FOLD_CAP_MB", "").strip():
         total = torch.cuda.get_device_properties(device).total_memory
-    return fold_cap_for(total)
+    return batched_fold_cap(total)
 
 
-def fold_cap_for(device_memory: Optional[int]) -> int:
+def batched_fold_cap(device_memory: Optional[int] = None) -> int:
     """Bytes of bf16/fp16 gradients a batched fold holds: ``FASTACCUM_FOLD_CAP_MB`` (MiB, read
     when an optimizer is built), else 1 % of ``device_memory`` (bytes) and at least
     :data:`MIN_FOLD_CAP_MB` (that alone when the memory is not known). 0 turns the batched fold

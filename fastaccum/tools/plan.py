@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import fastaccum
-from fastaccum.buffers import fold_cap_for
+from fastaccum import batched_fold_cap
 
 from . import units as _units
 from .memory import MemoryProbe, release_free_memory
@@ -412,7 +412,7 @@ def plan(inp: PlanInput) -> Dict[str, Any]:
         transient = m.transient_bytes_per_elem * (spec.largest_tensor or 0)
         if m.batched_fold:
             # (counted whatever the device: on a CPU it over-counts by at most the cap)
-            transient += min(fold_cap_for(inp.memory_bytes), m.param_bytes * n)
+            transient += min(batched_fold_cap(inp.memory_bytes), m.param_bytes * n)
         static = n * m.static_per_param + transient
         per_seq, fixed, _ = act[m.act_bits]
         room = usable - static - fixed
