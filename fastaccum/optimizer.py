@@ -19,6 +19,7 @@ import math
 import warnings
 import weakref
 from itertools import repeat
+from operator import is_
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -858,13 +859,15 @@ class AccumOptimizer(CheckpointMixin, DistributedMixin, torch.optim.Optimizer):
     def _check_groups(self) -> None:
         checked = self.__dict__.setdefault("_checked_groups", {})
         for group in self.param_groups:
-            # a group whose values are the ones checked last step (same numbers, no tensors)
-            # is valid: a scheduler changing lr makes one check, not one per parameter
-            values = tuple([v for k, v in group.items() if k != "params"])
+            # a group holding the very objects checked last step (no tensors) is valid: a
+            # scheduler changing lr makes one check, not one per parameter. (Identity, compared
+            # in C: no value's __eq__ runs, and it is the cheapest test that runs every step.)
+            values = list(group.values())
+            seen = checked.get(id(group))
+            if seen is not None and len(seen) == len(values) and all(map(is_, values, seen)):
+                continue
             if any(map(isinstance, values, repeat(Tensor))):
                 values = None
-            elif checked.get(id(group)) == values:
-                continue
             if self._resident is not None and isinstance(group["lr"], Tensor):
                 # the bucket kernels read a tensor lr themselves; reading it here would make
                 # every step wait for the device, so only its shape is checked
