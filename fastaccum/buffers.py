@@ -215,10 +215,8 @@ DEFAULT_FOLD_CAP_SHARE = 0.01
 def fold_cap_bytes(device: Optional[torch.device] = None) -> int:
     """The cap of :class:`PendingFolds` on ``device``: see :func:`batched_fold_cap` (the device's
     memory when it is a GPU; nothing known otherwise)."""
-    total = None
-    if device is not None and device.type == "cuda" and not os.environ.get("FASTACCUM_FOLD_CAP_MB", "").strip():
-        total = torch.cuda.get_device_properties(device).total_memory
-    return batched_fold_cap(total)
+    cuda = device is not None and device.type == "cuda"
+    return batched_fold_cap(torch.cuda.get_device_properties(device).total_memory if cuda else None)
 
 
 def batched_fold_cap(device_memory: Optional[int] = None) -> int:
@@ -591,13 +589,7 @@ class Bucket:
             self._mark_fresh(i)
         elif self.scale[i] != 1.0:
             self.apply_scale(i)  # a trainer's recorded clip applies to what came before
-        # the segment changes: no cached sum of squares holds (as _wrote, without its call)
-        version = self.grad._version
-        if version != self._known_version:
-            self.seg_sumsq = [None] * len(self.params)
-            self._known_version = version
-        else:
-            self.seg_sumsq[i] = None
+        self._wrote(self.grad._version, i, None)  # the segment changes: no cached sum of squares holds
         if self.measure:
             self.micro_seen.add(i)  # its sum of squares comes with the flush
         folds.add(self, i, grad, copy, self._fold_bytes[i])
@@ -956,8 +948,8 @@ class Bucket:
         """The hook's common case under the batched fold, kept short (it runs once per parameter
         and micro-batch): autograd handed over a plain bf16/fp16 gradient (``p.grad`` was None,
         or detached by opt.backward), which waits for the batched fold while ``p.grad`` becomes
-        the segment's GradView again. As :meth:`take_from_hook` would do it; False, with nothing
-        changed, for anything else (``take_from_hook`` then sorts it out)."""
+        the segment's GradView again. False, with nothing changed, for anything else
+        (:meth:`take_from_hook` then sorts it out)."""
         detached = self.detached[i]
         # opt.backward detaches fresh segments only: their gradient is added; otherwise it
         # replaces the segment unless the optimizer owns the window (managed mode)
@@ -978,26 +970,19 @@ class Bucket:
         a window), so an fp32 gradient that autograd did not add into our view (the user
         called ``model.zero_grad()`` between micro-batches) is added to the fresh segment
         instead of replacing the window's earlier micro-batches, as for bf16/fp16.
-        A bf16/fp16 gradient (GradView parameters) waits for the batched fold where it can.
+        A bf16/fp16 gradient (GradView parameters) that can wait for the batched fold never
+        gets here: :meth:`hold` took it first.
         """
         p = self.params[i]
-        if self.folds is not None and self.grad_viewed[i] and g is not None:
-            if self.detached[i]:
-                # opt.backward detached the view of this fresh segment: autograd handed the
-                # gradient over, and it is added (held for the batched fold where it can wait)
-                self.detached[i] = False
-                self._n_detached -= 1
-                if not self._pend(i, g, copy=not self.fresh[i]):
-                    self.receive(i, local(g), measured=True)
-                w = self._wrappers[i]
-                p.grad = w if w is not None else self._attached(i)
-                return
-            if not self.owns_grad(i, g) and self._pend(
-                    i, g, copy=not (add_to_fresh and self.fresh[i])):
-                # as below (add into a fresh segment in managed mode, else replace it), later
-                w = self._wrappers[i]
-                p.grad = w if w is not None else self._attached(i)
-                return
+        if self.folds is not None and self.grad_viewed[i] and self.detached[i]:
+            # opt.backward detached the view of this fresh segment and hold() could not keep the
+            # gradient (outside a backward, or one the kernel cannot read): it is added now
+            self.detached[i] = False
+            self._n_detached -= 1
+            self.receive(i, local(g), measured=True)
+            w = self._wrappers[i]
+            p.grad = w if w is not None else self._attached(i)
+            return
         if self.low_precision and not self.grad_viewed[i]:
             self.receive(i, local(g), measured=True)  # add into a fresh segment, overwrite a stale one
             p.grad = None  # the bf16/fp16 gradient never outlives this hook
