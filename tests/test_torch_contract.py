@@ -271,12 +271,19 @@ def test_adamw_checkpoint_of_older_torch_without_decoupled_key():
 
 
 # ------------------------------------------------------------------ hooks
-def test_global_step_hooks_and_a_hook_that_replaces_the_arguments():
+def _with_step_hooks():
+    """A model, its optimizer, and the list that the optimizer's step pre/post hooks append
+    "pre"/"post" to."""
     m = _model()
     opt = fastaccum.AdamW(m.parameters(), lr=0.01)
     calls = []
     opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
     opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    return m, opt, calls
+
+
+def test_global_step_hooks_and_a_hook_that_replaces_the_arguments():
+    m, opt, calls = _with_step_hooks()
     handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("gpre")),
                register_optimizer_step_post_hook(lambda o, a, k: calls.append("gpost"))]
     try:
@@ -300,11 +307,7 @@ def test_step_is_labelled_for_the_profiler():
 
 
 def test_step_and_state_dict_hooks():
-    m = _model()
-    opt = fastaccum.AdamW(m.parameters(), lr=0.01)
-    calls = []
-    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
-    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    m, opt, calls = _with_step_hooks()
     _train(m, opt, 1)
     assert calls == ["pre", "post"]
     opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre"))
